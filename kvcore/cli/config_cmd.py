@@ -1,0 +1,37 @@
+"""``kvcore config [--json]``: the effective settings, core and plugins."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvcore.cli.main import print_json
+from kvcore.config import load_settings
+from kvcore.plugins import get_registry
+
+
+def effective_settings() -> dict[str, dict]:
+    """Settings by section (``core`` and each plugin's settings class), validated."""
+    settings = load_settings()
+    sections: dict[str, dict] = {"core": settings.model_dump()}
+    registry = get_registry(settings.plugins)
+    for name, cls in sorted(registry.settings.items()):
+        sections[name] = load_settings(cls).model_dump()
+    return sections
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("config", help="print the effective settings")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sections = effective_settings()
+    if args.json:
+        print_json(sections)
+        return 0
+    for section, values in sections.items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"  {key} = {value!r}")
+    return 0

@@ -1,0 +1,595 @@
+"""The cache engine: lookup, store, retrieve, prefetch, delete, pin across the configured tiers.
+
+The first tier is the in-process CPU tier; every tier after it comes from a plugin and is used
+through the :class:`~kvcore.interfaces.Tier` interface only, with no special cases:
+
+- **lookup** counts the leading run of chunks held by any tier (no data moves) and starts a
+  prefetch of those found only below the CPU tier, so the load that follows finds them in memory;
+- **store** returns at once; a worker thread reserves CPU buffers, asks the caller's source to
+  fill them (one batched gather), commits them, and queues them for write-behind to lower tiers;
+- **retrieve** / :meth:`CacheEngine.acquire` hand out the leading run of chunks, reading lower
+  tiers (verified, promoted into the CPU tier) where memory misses;
+- every lower-tier call runs with a bounded wait; an error, a timeout or a corrupted value is a
+  miss, logged once per tier and counted, never an exception to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvcore import chunk_format
+from kvcore.config import ConfigError, Settings, load_settings
+from kvcore.interfaces import Buffer, Tier, TierContext
+from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
+from kvcore.metrics import Metrics
+from kvcore.plugins import PluginRegistry, get_registry
+from kvcore.tiers.cpu import CpuTier
+
+log = logging.getLogger("kvcore.engine")
+
+
+class ChunkSource(Protocol):
+    """Where an asynchronous store reads chunk bytes from (for example an engine's paged KV).
+
+    The caller must keep the source's memory valid until the store handle completes.
+    """
+
+    def chunk_nbytes(self) -> int:
+        """Bytes of one chunk (all chunks of a store are the same size)."""
+        ...
+
+    def fill(self, indices: Sequence[int], dests: Sequence[np.ndarray]) -> None:
+        """Copy chunk ``indices[j]`` into ``dests[j]`` for every j, ideally in one batched call."""
+        ...
+
+
+class BufferSource:
+    """A :class:`ChunkSource` over ready byte buffers, one per chunk."""
+
+    def __init__(self, buffers: Sequence[Buffer]) -> None:
+        self.buffers = [np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8) for b in buffers]
+
+    def chunk_nbytes(self) -> int:
+        return self.buffers[0].nbytes if self.buffers else 0
+
+    def fill(self, indices: Sequence[int], dests: Sequence[np.ndarray]) -> None:
+        for i, dest in zip(indices, dests):
+            dest[:] = self.buffers[i]
+
+
+@dataclass
+class LookupResult:
+    """Leading chunks found: in total and by the tier that answered first for each."""
+
+    chunks: int
+    chunk_size: int
+    by_tier: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks * self.chunk_size
+
+
+@dataclass
+class StoreHandle:
+    """Completion of an asynchronous store: ``wait()`` returns how many chunks were stored."""
+
+    future: Future
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.future.result(timeout)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+class ChunkLease:
+    """Views of the leading cached chunks, valid (never evicted) until :meth:`close`."""
+
+    def __init__(self, cpu: CpuTier, keys: list[ChunkKey], views: list[memoryview]) -> None:
+        self._cpu = cpu
+        self.keys = keys
+        self.views = views
+        self._open = True
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The views as read-only uint8 arrays."""
+        return [np.frombuffer(v, dtype=np.uint8) for v in self.views]
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._cpu.release(self.keys)
+
+    def __enter__(self) -> "ChunkLease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LowerTier:
+    """A lower tier with bounded waits, framing, and once-per-kind error logging."""
+
+    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics) -> None:
+        self.tier = tier
+        self.name = tier.name
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}")
+        self._logged: set[str] = set()
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = self._pool.submit(fn, *args).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._fail(what, f"no answer within {self.timeout_s}s")
+            return default
+        except Exception as exc:
+            self._fail(what, f"{type(exc).__name__}: {exc}")
+            return default
+        self.metrics.observe(f"tier_{what}_seconds", time.perf_counter() - started, self.name)
+        return result
+
+    def _fail(self, what: str, why: str) -> None:
+        self.metrics.inc("tier_errors_total", label=self.name)
+        key = f"{what}:{why.split(':')[0]}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("kvcore tier %s: %s failed (%s); treated as a miss", self.name, what, why)
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = self.call("contains", self.tier.contains, list(keys), default=None)
+        return list(found) if found is not None and len(found) == len(keys) else [False] * len(keys)
+
+    def get_verified(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
+        values = self.call("get", self.tier.get, list(keys), default=None)
+        if values is None or len(values) != len(keys):
+            return [None] * len(keys)
+        out: list[memoryview | None] = []
+        corrupt: list[ChunkKey] = []
+        for key, value in zip(keys, values):
+            payload = chunk_format.decode(key, value) if self.tier.framed else (
+                memoryview(value).cast("B") if value is not None else None
+            )
+            if value is not None and payload is None:
+                corrupt.append(key)
+            if payload is not None:
+                self.metrics.inc("bytes_loaded_total", payload.nbytes, self.name)
+            out.append(payload)
+        if corrupt:
+            self.metrics.inc("corrupt_chunks_total", len(corrupt), self.name)
+            self._fail("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
+            self.call("delete", self.tier.delete, corrupt, default=0)
+        return out
+
+    def put(self, items: Sequence[tuple[ChunkKey, memoryview]], tokens: int) -> int:
+        framed = [
+            (key, chunk_format.encode(key, view, tokens) if self.tier.framed else [view])
+            for key, view in items
+        ]
+        stored = self.call("put", self.tier.put, framed, default=None)
+        count = sum(1 for ok in (stored or []) if ok)
+        self.metrics.inc("bytes_stored_total", sum(v.nbytes for _, v in items), self.name)
+        return count
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.tier.close()
+        except Exception as exc:
+            log.warning("kvcore tier %s: close failed: %s", self.name, exc)
+
+
+class CacheEngine:
+    """One kvcore instance: the tiers of ``settings.tiers`` behind one API.
+
+    Thread-safe. Create one per engine worker process; :meth:`close` stops its threads.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        registry: PluginRegistry | None = None,
+        tiers: Sequence[Tier] | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.registry = registry or get_registry(self.settings.plugins)
+        self.metrics = Metrics()
+        self.chunk_size = self.settings.chunk_size
+        self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
+        built = list(tiers) if tiers is not None else self._build_tiers()
+        first = built[0]
+        if not isinstance(first, CpuTier):
+            raise ConfigError(
+                f"KVCORE_TIERS={','.join(self.settings.tiers)!r}: the first tier must be the "
+                "memory tier 'cpu' (lower tiers follow it, for example cpu,lmdb)"
+            )
+        self.cpu: CpuTier = first
+        self.lower = [_LowerTier(t, self.settings.tier_timeout_s, self.metrics) for t in built[1:]]
+        self._store_queue: queue.Queue = queue.Queue(maxsize=self.settings.store_queue_size)
+        self._behind_queues = [queue.Queue(maxsize=4 * self.settings.store_queue_size)
+                               for _ in self.lower]
+        self._inflight: dict[ChunkKey, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcore-fetch")
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._store_worker, name="kvcore-store",
+                                          daemon=True)]
+        for i in range(len(self.lower)):
+            self._threads.append(threading.Thread(
+                target=self._behind_worker, args=(i,), name=f"kvcore-behind-{i}", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def _build_tiers(self) -> list[Tier]:
+        policy_factory = self.registry.policy_factory(self.settings.eviction)
+        tiers = []
+        for name in self.settings.tiers:
+            factory = self.registry.tier_factory(name)
+            context = TierContext(name, self.settings, policy_factory, self._notify)
+            tier = factory(context)
+            tier.name = name
+            tiers.append(tier)
+        return tiers
+
+    # -- observers (control plane) --------------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[str, str, list[ChunkKey]], None]) -> None:
+        """Call ``observer(tier, "admit" | "evict", keys)`` on every admission and eviction."""
+        self._observers.append(observer)
+        self.cpu._notify = self._notify
+
+    def _notify(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
+        self.metrics.inc(f"chunks_{kind}ed_total" if kind == "admit" else "evictions_total",
+                         len(keys), tier)
+        for observer in list(self._observers):
+            try:
+                observer(tier, kind, keys)
+            except Exception as exc:
+                log.debug("kvcore observer failed: %s", exc)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def keys_for(self, namespace: Namespace, tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
+        """Keys of the full chunks of ``tokens`` under ``namespace``."""
+        return chunk_keys(namespace, tokens, self.chunk_size)
+
+    # -- lookup ------------------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[ChunkKey], prefetch: bool = True) -> LookupResult:
+        """How many leading chunks are cached in any tier. Starts prefetch of lower-tier hits."""
+        started = time.perf_counter()
+        keys = list(keys)
+        result = LookupResult(0, self.chunk_size)
+        in_cpu = self.cpu.contains(keys)
+        n = 0
+        while n < len(keys) and in_cpu[n]:
+            n += 1
+        if n:
+            self.cpu.touch(keys[:n])
+            result.by_tier[self.cpu.name] = n
+        rest = keys[n:]
+        if rest and self.lower:
+            still = [i for i, hit in enumerate(in_cpu[n:]) if not hit]
+            found = [False] * len(rest)
+            for i in range(len(rest)):
+                found[i] = in_cpu[n + i]
+            answered: dict[int, str] = {}
+            for tier in self.lower:
+                if not still:
+                    break
+                hits = tier.contains([rest[i] for i in still])
+                for i, hit in zip(still, hits):
+                    if hit:
+                        found[i] = True
+                        answered[i] = tier.name
+                still = [i for i, hit in zip(still, hits) if not hit]
+            m = 0
+            while m < len(rest) and found[m]:
+                m += 1
+            for i in range(m):
+                if i in answered:
+                    result.by_tier[answered[i]] = result.by_tier.get(answered[i], 0) + 1
+                else:
+                    result.by_tier[self.cpu.name] = result.by_tier.get(self.cpu.name, 0) + 1
+            n += m
+            if prefetch:
+                lower_hits = [rest[i] for i in range(m) if i in answered]
+                parents = {rest[i]: (keys[n - m + i - 1] if n - m + i > 0 else None)
+                           for i in range(m) if i in answered}
+                if lower_hits:
+                    self._start_prefetch(lower_hits, parents)
+        result.chunks = n
+        self.metrics.inc("lookups_total")
+        self.metrics.inc("hit_tokens_total", n * self.chunk_size)
+        self.metrics.inc("miss_tokens_total", (len(keys) - n) * self.chunk_size)
+        self.metrics.observe("lookup_seconds", time.perf_counter() - started)
+        return result
+
+    def lookup_tokens(self, namespace: Namespace, tokens: Sequence[int]) -> int:
+        """Leading cached tokens of a prompt (a multiple of the chunk size)."""
+        return self.lookup(self.keys_for(namespace, tokens)).tokens
+
+    # -- prefetch ----------------------------------------------------------------------------------
+
+    def prefetch(self, keys: Sequence[ChunkKey]) -> Future:
+        """Copy chunks found in lower tiers into the CPU tier in the background."""
+        keys = list(keys)
+        parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
+        return self._start_prefetch(keys, parents)
+
+    def _start_prefetch(
+        self, keys: list[ChunkKey], parents: dict[ChunkKey, ChunkKey | None]
+    ) -> Future:
+        with self._inflight_lock:
+            todo = [k for k in keys if k not in self._inflight]
+            future = self._prefetch_pool.submit(self._promote, todo, parents)
+            for key in todo:
+                self._inflight[key] = future
+        return future
+
+    def _promote(self, keys: list[ChunkKey], parents: dict[ChunkKey, ChunkKey | None]) -> int:
+        """Read ``keys`` from lower tiers and copy them into the CPU tier."""
+        try:
+            missing = [k for k, hit in zip(keys, self.cpu.contains(keys)) if not hit]
+            promoted = 0
+            for tier in self.lower:
+                if not missing:
+                    break
+                payloads = tier.get_verified(missing)
+                still = []
+                for key, payload in zip(missing, payloads):
+                    if payload is None:
+                        still.append(key)
+                    elif self.cpu.put_one(key, [payload], parents.get(key)):
+                        promoted += 1
+                        self.metrics.inc("promoted_chunks_total", label=tier.name)
+                missing = still
+            return promoted
+        finally:
+            with self._inflight_lock:
+                for key in keys:
+                    self._inflight.pop(key, None)
+
+    # -- store -------------------------------------------------------------------------------------
+
+    def store(self, keys: Sequence[ChunkKey], source: ChunkSource) -> StoreHandle:
+        """Store chunk ``i`` of ``source`` under ``keys[i]``, asynchronously.
+
+        ``keys`` is a prefix in order (chunk i's parent is chunk i-1). Chunks already cached are
+        skipped. Returns at once; if the queue is full the store is dropped (counted).
+        """
+        future: Future = Future()
+        try:
+            self._store_queue.put_nowait((list(keys), source, future))
+        except queue.Full:
+            self.metrics.inc("stores_dropped_total")
+            future.set_result(0)
+        return StoreHandle(future)
+
+    def store_buffers(self, keys: Sequence[ChunkKey], buffers: Sequence[Buffer]) -> StoreHandle:
+        """Store ready byte buffers (copied, asynchronously)."""
+        return self.store(keys, BufferSource(buffers))
+
+    def _store_worker(self) -> None:
+        while not self._closed.is_set():
+            try:
+                item = self._store_queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            keys, source, future = item
+            try:
+                future.set_result(self._store_now(keys, source))
+            except Exception as exc:
+                self.metrics.inc("store_errors_total")
+                log.warning("kvcore store failed: %s: %s", type(exc).__name__, exc)
+                future.set_result(0)
+            finally:
+                self._store_queue.task_done()
+
+    def _store_now(self, keys: list[ChunkKey], source: ChunkSource) -> int:
+        started = time.perf_counter()
+        present = self.cpu.contains(keys)
+        nbytes = source.chunk_nbytes()
+        indices, dests, reserved = [], [], []
+        for i, key in enumerate(keys):
+            if present[i]:
+                continue
+            buf = self.cpu.reserve(key, nbytes, keys[i - 1] if i else None)
+            if buf is None:
+                self.metrics.inc("store_rejected_chunks_total")
+                continue
+            indices.append(i)
+            dests.append(buf)
+            reserved.append(key)
+        if not reserved:
+            return 0
+        try:
+            source.fill(indices, dests)
+        except Exception:
+            for key in reserved:
+                self.cpu.abort(key)
+            raise
+        for key in reserved:
+            self.cpu.commit(key)
+        self.metrics.inc("stored_chunks_total", len(reserved))
+        self.metrics.inc("bytes_stored_total", nbytes * len(reserved), self.cpu.name)
+        self.metrics.observe("store_seconds", time.perf_counter() - started)
+        if self.settings.write_behind:
+            for q in self._behind_queues:
+                try:
+                    q.put_nowait(reserved)
+                except queue.Full:
+                    self.metrics.inc("write_behind_dropped_total", len(reserved))
+        return len(reserved)
+
+    def _behind_worker(self, index: int) -> None:
+        tier, q = self.lower[index], self._behind_queues[index]
+        while not self._closed.is_set():
+            try:
+                keys = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                self._write_behind(tier, keys)
+            finally:
+                q.task_done()
+
+    def _write_behind(self, tier: _LowerTier, keys: list[ChunkKey]) -> None:
+        views = self.cpu.acquire(keys)
+        held = [(k, v) for k, v in zip(keys, views) if v is not None]
+        try:
+            if held:
+                tier.put(held, self.chunk_size)
+        finally:
+            self.cpu.release([k for k, _ in held])
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until queued stores and write-behind are done (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queues = [self._store_queue, *self._behind_queues]
+            if all(q.unfinished_tasks == 0 for q in queues):
+                return True
+            time.sleep(0.005)
+        return False
+
+    # -- retrieve ----------------------------------------------------------------------------------
+
+    def acquire(self, keys: Sequence[ChunkKey], timeout_s: float | None = None) -> ChunkLease:
+        """Hold the leading cached chunks of ``keys`` and return views of them (zero copy).
+
+        Chunks missing from memory are read from lower tiers (waiting for a prefetch in flight,
+        at most ``timeout_s``), verified and promoted. Close the lease when the copy is done.
+        """
+        keys = list(keys)
+        views = self.cpu.acquire(keys)
+        if self.lower and any(v is None for v in views):
+            first_gap = next(i for i, v in enumerate(views) if v is None)
+            self._wait_inflight(keys[first_gap:], timeout_s or self.settings.tier_timeout_s)
+            held = [k for k, v in zip(keys[first_gap:], views[first_gap:]) if v is not None]
+            self.cpu.release(held)
+            parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
+            self._promote(keys[first_gap:], parents)
+            views[first_gap:] = self.cpu.acquire(keys[first_gap:])
+        n = 0
+        while n < len(views) and views[n] is not None:
+            n += 1
+        self.cpu.release([k for k, v in zip(keys[n:], views[n:]) if v is not None])
+        loaded = sum(v.nbytes for v in views[:n])  # type: ignore[union-attr]
+        self.metrics.inc("bytes_loaded_total", loaded, self.cpu.name)
+        return ChunkLease(self.cpu, keys[:n], views[:n])  # type: ignore[arg-type]
+
+    def _wait_inflight(self, keys: Sequence[ChunkKey], timeout_s: float) -> None:
+        with self._inflight_lock:
+            futures = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
+        deadline = time.monotonic() + timeout_s
+        for future in futures.values():
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+
+    def retrieve(self, keys: Sequence[ChunkKey], dests: Sequence[Any]) -> int:
+        """Copy the leading cached chunks into ``dests``; return how many were copied."""
+        with self.acquire(keys) as lease:
+            for dest, array in zip(dests, lease.arrays()):
+                np.copyto(np.frombuffer(memoryview(dest).cast("B"), dtype=np.uint8), array)
+            return len(lease)
+
+    # -- management --------------------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove chunks from every tier; return how many copies were removed."""
+        keys = list(keys)
+        removed = self.cpu.delete(keys)
+        for tier in self.lower:
+            removed += tier.call("delete", tier.tier.delete, keys, default=0)
+        return removed
+
+    def pin(self, keys: Sequence[ChunkKey]) -> int:
+        """Keep chunks through eviction in every tier that supports pinning."""
+        keys = list(keys)
+        return self.cpu.pin(keys) + sum(
+            t.call("pin", t.tier.pin, keys, default=0) for t in self.lower)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> int:
+        keys = list(keys)
+        return self.cpu.unpin(keys) + sum(
+            t.call("unpin", t.tier.unpin, keys, default=0) for t in self.lower)
+
+    def clear(self, namespace: Namespace | bytes | None = None, tier: str | None = None) -> int:
+        """Remove every chunk (of one namespace, in one tier, when given)."""
+        ns = namespace.digest if isinstance(namespace, Namespace) else namespace
+        removed = 0
+        for t in self.tiers:
+            if tier is not None and t.name != tier:
+                continue
+            keys = [k for k in t.iter_keys() if ns is None or key_namespace(k) == ns]
+            if t is self.cpu:
+                self.cpu.unpin(keys)
+                removed += self.cpu.delete(keys)
+            else:
+                lower = next(x for x in self.lower if x.tier is t)
+                removed += lower.call("delete", t.delete, keys, default=0)
+        return removed
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [self.cpu, *(t.tier for t in self.lower)]
+
+    def stats(self) -> dict[str, Any]:
+        """Tier usage plus metrics."""
+        tiers = {}
+        for t in self.tiers:
+            try:
+                u = t.usage()
+                tiers[t.name] = {"used_bytes": u.used_bytes, "budget_bytes": u.budget_bytes,
+                                 "chunks": u.chunks}
+            except Exception as exc:
+                tiers[t.name] = {"error": str(exc)}
+        return {"tiers": tiers, **self.metrics.snapshot()}
+
+    def close(self) -> None:
+        """Finish queued work briefly, stop threads, close tiers."""
+        if self._closed.is_set():
+            return
+        self.flush(timeout=5.0)
+        self._closed.set()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        for tier in self.lower:
+            tier.close()
+
+    def __enter__(self) -> "CacheEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def open_engine(**overrides: Any) -> Iterator[CacheEngine]:
+    """A :class:`CacheEngine` from settings (environment, file, ``overrides``), closed on exit."""
+    engine = CacheEngine(load_settings(**overrides))
+    try:
+        yield engine
+    finally:
+        engine.close()

@@ -1,0 +1,1 @@
+"""Eviction policies. Each is a plugin registered through ``kvcore_register_eviction_policies``."""

@@ -1,0 +1,15 @@
+"""Built-in eviction policies, registered through the same hook as third-party ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvcore.eviction.lru import LRUPolicy
+from kvcore.eviction.prefix_lru import PrefixLRUPolicy
+from kvcore.hookspecs import hookimpl
+
+
+@hookimpl
+def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
+    register("lru", LRUPolicy)
+    register("prefix_lru", PrefixLRUPolicy)

@@ -1,0 +1,49 @@
+"""The plugin contract: every way a plugin extends kvcore.
+
+A plugin is a module with functions marked ``@hookimpl`` whose names match the specs below. It is
+found through the entry-point group ``kvcore`` (``[project.entry-points.kvcore] name = "pkg.mod"``)
+or, for the built-ins, listed in :data:`kvcore.plugins.BUILTIN_PLUGINS`. Each hook receives a
+``register`` function; the plugin calls it once per thing it contributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kvcore")
+hookimpl = pluggy.HookimplMarker("kvcore")
+
+
+@hookspec
+def kvcore_register_tiers(register: Callable[..., None]) -> None:
+    """Register storage tiers: ``register(name, factory)``, factory(TierContext) -> Tier."""
+
+
+@hookspec
+def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
+    """Register eviction policies: ``register(name, factory)``, factory() -> EvictionPolicy."""
+
+
+@hookspec
+def kvcore_register_transports(register: Callable[..., None]) -> None:
+    """Register transports: ``register(name, factory)``, factory(Settings) -> Transport."""
+
+
+@hookspec
+def kvcore_register_connectors(register: Callable[..., None]) -> None:
+    """Register engine connectors: ``register(ConnectorInfo(...))``."""
+
+
+@hookspec
+def kvcore_register_settings(register: Callable[..., None]) -> None:
+    """Register a plugin's settings class (a ``PluginSettings`` subclass): ``register(cls)``."""
+
+
+@hookspec
+def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
+    """Register ``kvcore bench NAME``: ``register(name, add_arguments, run)``.
+
+    ``add_arguments(parser)`` adds options; ``run(args) -> dict`` measures and returns figures.
+    """

@@ -1,0 +1,170 @@
+"""The small interfaces that plugins implement: tiers, eviction policies, transports.
+
+Each is registered by name through a hook in :mod:`kvcore.hookspecs`. ``docs/plugins.md``
+walks through writing one; :mod:`kvcore.testing` holds the contract tests every implementation
+must pass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Container, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+from kvcore.keys import ChunkKey
+
+if TYPE_CHECKING:
+    from kvcore.config import Settings
+
+Buffer = Union[bytes, bytearray, memoryview]
+"""Anything exposing the buffer protocol as bytes."""
+
+
+@dataclass
+class TierUsage:
+    """How full a tier is."""
+
+    used_bytes: int
+    budget_bytes: int
+    chunks: int
+
+
+@dataclass
+class TierContext:
+    """What a tier factory gets: the core settings and the eviction policy to use."""
+
+    name: str
+    settings: "Settings"
+    make_policy: "Callable[[], EvictionPolicy]"
+    notify: "Callable[[str, str, list[ChunkKey]], None] | None" = None
+    """Optional: tiers report ``notify(tier_name, "admit" | "evict", keys)`` for observers."""
+    extra: dict = field(default_factory=dict)
+
+
+class Tier(ABC):
+    """A storage tier: a byte-budgeted map from chunk key to an opaque value.
+
+    Tiers below the first receive *framed* values (a header with a checksum, then the payload,
+    see :mod:`kvcore.chunk_format`): the engine frames on put and verifies on get, so a tier
+    needs no integrity code of its own and a corrupted value becomes a miss. A tier keeps itself
+    within its byte budget, choosing victims with the policy from its :class:`TierContext`.
+
+    Every method is called from engine worker threads and must be thread-safe. A method may
+    raise: the engine turns any exception into a miss (or a dropped store) and logs it.
+    """
+
+    name: str = "tier"
+    framed: bool = True
+    """True when the engine should frame values (every tier except in-process memory)."""
+
+    @abstractmethod
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """For each key, whether the tier holds it. Moves no data."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        """Values for ``keys`` (``None`` for a miss)."""
+
+    @abstractmethod
+    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
+        """Store each value, given as parts to be concatenated; True where it was stored.
+
+        A tier may refuse a value (too large, admission policy, out of space) by returning False.
+        """
+
+    @abstractmethod
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove keys; return how many were present."""
+
+    @abstractmethod
+    def usage(self) -> TierUsage:
+        """Bytes used, byte budget, number of chunks."""
+
+    def iter_keys(self) -> Iterator[ChunkKey]:
+        """Every key the tier holds (used to clear a namespace). Optional."""
+        return iter(())
+
+    def pin(self, keys: Sequence[ChunkKey]) -> int:
+        """Exempt keys from eviction; return how many were present. Optional."""
+        return 0
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> int:
+        """Make pinned keys evictable again. Optional."""
+        return 0
+
+    def close(self) -> None:
+        """Release resources. Called once when the engine closes."""
+
+
+class EvictionPolicy(ABC):
+    """Chooses which chunk a tier drops when it needs room.
+
+    The tier reports every insert, hit and removal; it asks for one victim at a time and
+    removes it (then calls :meth:`remove`). Pinned chunks are never reported to the policy.
+    Implementations need not be thread-safe: the tier calls them under its lock.
+    """
+
+    name: str = "policy"
+
+    @abstractmethod
+    def insert(self, key: ChunkKey, size: int, parent: ChunkKey | None) -> None:
+        """A chunk was stored; ``parent`` is the chunk before it in its prefix, if any."""
+
+    @abstractmethod
+    def touch(self, key: ChunkKey) -> None:
+        """A chunk was hit (looked up or read)."""
+
+    @abstractmethod
+    def remove(self, key: ChunkKey) -> None:
+        """A chunk left the tier (evicted, deleted or pinned). Unknown keys are ignored."""
+
+    @abstractmethod
+    def victim(self, exclude: Container[ChunkKey] = ()) -> ChunkKey | None:
+        """The chunk to evict next, skipping ``exclude``; ``None`` when nothing is evictable."""
+
+    def admit(self, key: ChunkKey, size: int, parent: ChunkKey | None) -> bool:
+        """Whether a new chunk should be stored at all (admission control). Default: yes."""
+        return True
+
+    def __len__(self) -> int:
+        return 0
+
+
+class Transport(ABC):
+    """Moves chunk payloads between kvcore instances (for example over NIXL).
+
+    An instance publishes :meth:`address`; a peer that knows it can :meth:`fetch` chunks held in
+    the instance's CPU tier, or the instance can :meth:`send` chunks to a peer.
+    """
+
+    name: str = "transport"
+
+    @abstractmethod
+    def address(self) -> str:
+        """How peers reach this instance (opaque string)."""
+
+    @abstractmethod
+    def fetch(
+        self, peer: str, keys: Sequence[ChunkKey], timeout_s: float
+    ) -> list[Buffer | None]:
+        """Read chunks from a peer; ``None`` for each chunk it does not have or on failure."""
+
+    @abstractmethod
+    def send(
+        self, peer: str, items: Sequence[tuple[ChunkKey, Buffer]], timeout_s: float
+    ) -> list[bool]:
+        """Push chunks into a peer's CPU tier; True where the peer stored it."""
+
+    def close(self) -> None:
+        """Release registrations and connections."""
+
+
+@dataclass
+class ConnectorInfo:
+    """An engine connector a plugin provides (used by ``kvcore plugins``)."""
+
+    name: str
+    engine: str
+    import_path: str
+    description: str = ""

@@ -1,0 +1,1 @@
+"""Storage tiers. The CPU tier is built in; lower tiers come from plugins."""
