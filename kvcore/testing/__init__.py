@@ -1,0 +1,1 @@
+"""Helpers for testing kvcore and its plugins (shipped so plugin authors can use them)."""
