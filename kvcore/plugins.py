@@ -189,10 +189,22 @@ _default: PluginRegistry | None = None
 _default_lock = threading.Lock()
 
 
-def get_registry(allow: Iterable[str] | None = None, *, reload: bool = False) -> PluginRegistry:
-    """The process-wide registry, loaded once (honouring ``KVCORE_PLUGINS`` via ``allow``)."""
+_FROM_SETTINGS: Any = object()
+
+
+def get_registry(
+    allow: Iterable[str] | None = _FROM_SETTINGS, *, reload: bool = False
+) -> PluginRegistry:
+    """The process-wide registry, loaded once.
+
+    ``allow`` defaults to the ``KVCORE_PLUGINS`` setting (``None`` loads every plugin).
+    """
     global _default
     with _default_lock:
         if _default is None or reload:
+            if allow is _FROM_SETTINGS:
+                from kvcore.config import load_settings
+
+                allow = load_settings().plugins
             _default = PluginRegistry().load(allow)
         return _default

@@ -38,9 +38,8 @@ def print_json(data: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"kvcore: {exc}", file=sys.stderr)

@@ -2,15 +2,16 @@
 
 Use it from a plugin's tests by subclassing and providing a ``tier`` fixture::
 
-    from kvcore.testing.tier_contract import TierContract
+    from kvcore.testing.tier_contract import LowerTierContract
 
-    class TestMyTier(TierContract):
+    class TestMyTier(LowerTierContract):
         @pytest.fixture
         def tier(self, tmp_path):
             return MyTier(...)          # budget of at least ``min_budget`` bytes
         chunk_bytes = 4096
 
-The suite stores values through a real :class:`~kvcore.engine.CacheEngine` too, so framing,
+:class:`TierContract` holds what every tier does; :class:`LowerTierContract` (for any tier used
+after ``cpu``) adds tests that store values through a real :class:`~kvcore.engine.CacheEngine` too, so framing,
 verification, write-behind and promotion are exercised with the tier as a lower tier.
 """
 
@@ -93,6 +94,11 @@ class TierContract:
         for t in threads:
             t.join()
         assert errors == []
+
+
+
+class LowerTierContract(TierContract):
+    """Additional behaviour of tiers used below the CPU tier (framed values, write-behind)."""
 
     def test_behind_engine_write_behind_and_promotion(self, tier: Tier) -> None:
         settings = load_settings(chunk_size=4, cpu_size=64 * 1024**2, tiers=["cpu", tier.name])

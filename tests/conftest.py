@@ -1,0 +1,26 @@
+"""Shared fixtures of the core tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kvcore.config import load_settings
+from kvcore.engine import CacheEngine
+
+
+@pytest.fixture(autouse=True)
+def _clean_kvcore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from the built-in defaults, whatever the developer's shell exports."""
+    for name in list(os.environ):
+        if name.startswith("KVCORE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def engine() -> Iterator[CacheEngine]:
+    eng = CacheEngine(load_settings(chunk_size=4, cpu_size="1MiB"))
+    yield eng
+    eng.close()

@@ -1,0 +1,121 @@
+"""Settings: environment, units, config files, and the error messages users see."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcore.config import ConfigError, Settings, load_settings, parse_byte_size
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.chunk_size == 256
+    assert s.tiers == ["cpu"]
+    assert s.eviction
+    assert s.plugins is None
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("512MiB", 512 * 1024**2), ("4GB", 4 * 10**9), ("1.5GiB", int(1.5 * 1024**3)),
+     ("1073741824", 1073741824), ("10 kb", 10_000), (123, 123)],
+)
+def test_byte_sizes(text: object, expected: int) -> None:
+    assert parse_byte_size(text) == expected
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVCORE_CHUNK_SIZE", "128")
+    monkeypatch.setenv("KVCORE_TIERS", "cpu, lmdb")
+    monkeypatch.setenv("KVCORE_CPU_SIZE", "2GiB")
+    s = load_settings()
+    assert (s.chunk_size, s.tiers, s.cpu_size) == (128, ["cpu", "lmdb"], 2 * 1024**3)
+
+
+@pytest.mark.parametrize(
+    "variable,value,fragment",
+    [("KVCORE_CPU_SIZE", "lots", "512MiB"), ("KVCORE_CHUNK_SIZE", "-3", "greater than 0"),
+     ("KVCORE_CHUNK_SIZE", "abc", "integer"), ("KVCORE_TIERS", "", "at least one tier")],
+)
+def test_bad_value_names_variable_value_and_form(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert variable in message and repr(value) in message and fragment in message
+
+
+def test_yaml_file_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kvcore.yaml"
+    path.write_text("chunk_size: 64\ncpu_size: 1GiB\ntiers: [cpu, lmdb]\n")
+    monkeypatch.setenv("KVCORE_CONFIG_FILE", str(path))
+    monkeypatch.setenv("KVCORE_CHUNK_SIZE", "32")
+    s = load_settings()
+    assert s.chunk_size == 32  # environment wins
+    assert s.cpu_size == 1024**3 and s.tiers == ["cpu", "lmdb"]
+
+
+def test_toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kvcore.toml"
+    path.write_text('eviction = "prefix_lru"\ntiers = "cpu"\n')
+    monkeypatch.setenv("KVCORE_CONFIG_FILE", str(path))
+    assert load_settings().eviction == "prefix_lru"
+
+
+def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVCORE_CONFIG_FILE", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="KVCORE_CONFIG_FILE"):
+        load_settings()
+
+
+def test_unknown_tier_and_policy_list_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcore.engine import CacheEngine
+
+    with pytest.raises(ConfigError) as info:
+        CacheEngine(load_settings(tiers=["cpu", "floppy"]))
+    assert "KVCORE_TIERS" in str(info.value) and "floppy" in str(info.value)
+    assert "cpu" in str(info.value).split("known:")[1]
+    with pytest.raises(ConfigError) as info:
+        CacheEngine(load_settings(eviction="random-ish"))
+    assert "KVCORE_EVICTION" in str(info.value) and "lru" in str(info.value)
+
+
+def test_first_tier_must_be_memory() -> None:
+    from kvcore.engine import CacheEngine
+    from kvcore.interfaces import Tier
+
+    class DiskLike(Tier):
+        contains = get = put = delete = usage = lambda self, *a: []  # type: ignore[assignment]
+
+    with pytest.raises(ConfigError, match="first tier"):
+        CacheEngine(load_settings(), tiers=[DiskLike()])
+
+
+def test_cli_bad_config_exits_2_without_traceback() -> None:
+    env = {"KVCORE_CPU_SIZE": "huge", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "kvcore.cli.main", "config"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "KVCORE_CPU_SIZE='huge'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_config_json() -> None:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "kvcore.cli.main", "config", "--json"],
+                          capture_output=True, text=True, env={"KVCORE_CHUNK_SIZE": "512",
+                                                               "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["core"]["chunk_size"] == 512
+
+
+def test_settings_are_documented() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"setting {name} has no description"

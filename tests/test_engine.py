@@ -1,0 +1,218 @@
+"""Cache engine: properties under random operations, concurrency, lower-tier failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcore.config import load_settings
+from kvcore.engine import CacheEngine
+from kvcore.eviction.lru import LRUPolicy
+from kvcore.interfaces import Tier, TierUsage
+from kvcore.keys import Namespace, chunk_keys
+from kvcore.tiers.cpu import CpuTier
+
+CHUNK = 4
+PAYLOAD = 256
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["store", "lookup", "retrieve", "delete", "pin", "unpin"]),
+              st.integers(0, 7), st.integers(1, 6)),
+    min_size=1, max_size=40,
+)
+
+
+def payload_for(key: bytes) -> bytes:
+    return (key * (PAYLOAD // len(key) + 1))[:PAYLOAD]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations, budget_chunks=st.integers(1, 12),
+       policy=st.sampled_from(["lru", "prefix_lru"]))
+def test_engine_properties(ops: list[tuple[str, int, int]], budget_chunks: int,
+                           policy: str) -> None:
+    engine = CacheEngine(load_settings(chunk_size=CHUNK, cpu_size=budget_chunks * PAYLOAD,
+                                       eviction=policy))
+    try:
+        ns = Namespace("prop")
+        prompts = [list(range(p * 1000, p * 1000 + 6 * CHUNK)) for p in range(8)]
+        for op, prompt, length in ops:
+            keys = chunk_keys(ns, prompts[prompt][: length * CHUNK], CHUNK)
+            if op == "store":
+                engine.store_buffers(keys, [payload_for(k) for k in keys]).wait(10)
+            elif op == "lookup":
+                found = engine.lookup(keys).chunks
+                with engine.acquire(keys) as lease:
+                    # never more than retrieve can deliver, and exactly the bytes stored
+                    assert len(lease) >= found
+                    for key, view in zip(lease.keys, lease.views):
+                        assert bytes(view) == payload_for(key)
+            elif op == "retrieve":
+                dests = [bytearray(PAYLOAD) for _ in keys]
+                n = engine.retrieve(keys, dests)
+                for key, dest in zip(keys[:n], dests[:n]):
+                    assert bytes(dest) == payload_for(key)
+            elif op == "delete":
+                engine.delete(keys)
+                assert engine.lookup(keys).chunks == 0 or not keys
+            elif op == "pin":
+                engine.pin(keys)
+            elif op == "unpin":
+                engine.unpin(keys)
+            usage = engine.cpu.usage()
+            assert usage.used_bytes <= usage.budget_bytes
+    finally:
+        engine.close()
+
+
+def test_concurrent_stores_and_retrieves_lose_and_corrupt_nothing() -> None:
+    engine = CacheEngine(load_settings(chunk_size=CHUNK, cpu_size="64MiB"))
+    ns = Namespace("threads")
+    prompts = [list(range(t * 10_000, t * 10_000 + 32 * CHUNK)) for t in range(6)]
+    expected = {}
+    for prompt in prompts:
+        for key in chunk_keys(ns, prompt, CHUNK):
+            expected[key] = os.urandom(PAYLOAD)
+    errors: list[str] = []
+
+    def writer(prompt: list[int]) -> None:
+        keys = chunk_keys(ns, prompt, CHUNK)
+        for n in range(1, len(keys) + 1, 5):
+            engine.store_buffers(keys[:n], [expected[k] for k in keys[:n]]).wait(10)
+        engine.store_buffers(keys, [expected[k] for k in keys]).wait(10)
+
+    def reader(prompt: list[int]) -> None:
+        keys = chunk_keys(ns, prompt, CHUNK)
+        for _ in range(50):
+            with engine.acquire(keys) as lease:
+                for key, view in zip(lease.keys, lease.views):
+                    if bytes(view) != expected[key]:
+                        errors.append(key.hex())
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in prompts]
+    threads += [threading.Thread(target=reader, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for prompt in prompts:
+        keys = chunk_keys(ns, prompt, CHUNK)
+        assert engine.lookup(keys).chunks == len(keys)  # nothing lost
+        dests = [np.zeros(PAYLOAD, np.uint8) for _ in keys]
+        assert engine.retrieve(keys, dests) == len(keys)
+        assert all(d.tobytes() == expected[k] for k, d in zip(keys, dests))
+    engine.close()
+
+
+class BrokenTier(Tier):
+    """A lower tier that fails in every way a remote store can."""
+
+    name = "broken"
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def _act(self) -> None:
+        if self.mode == "raise":
+            raise ConnectionError("store unreachable")
+        time.sleep(5)
+
+    def contains(self, keys):  # type: ignore[no-untyped-def]
+        self._act()
+        return [True] * len(keys)
+
+    def get(self, keys):  # type: ignore[no-untyped-def]
+        self._act()
+        return [b"x"] * len(keys)
+
+    def put(self, items):  # type: ignore[no-untyped-def]
+        self._act()
+        return [True] * len(items)
+
+    def delete(self, keys):  # type: ignore[no-untyped-def]
+        self._act()
+        return 0
+
+    def usage(self) -> TierUsage:
+        return TierUsage(0, 0, 0)
+
+
+def test_failing_and_hanging_lower_tiers_become_misses() -> None:
+    for mode in ("raise", "hang"):
+        settings_ = load_settings(chunk_size=CHUNK, tier_timeout_s=0.2)
+        engine = CacheEngine(settings_, tiers=[CpuTier(1 << 20, LRUPolicy()), BrokenTier(mode)])
+        try:
+            keys = chunk_keys(Namespace("f"), range(4 * CHUNK), CHUNK)
+            started = time.monotonic()
+            assert engine.lookup(keys).chunks == 0
+            assert engine.store_buffers(keys[:2], [b"a" * 10] * 2).wait(5) == 2
+            with engine.acquire(keys) as lease:
+                assert len(lease) == 2
+            assert time.monotonic() - started < 4
+            assert engine.metrics.get("tier_errors_total", "broken") >= 1
+        finally:
+            engine.close()
+
+
+def test_lookup_reports_tiers_and_prefetches_into_cpu() -> None:
+    from kvcore_example_tier import DictTier  # the documented example plugin
+
+    lower = DictTier(1 << 20, LRUPolicy())
+    lower.name = "example"
+    engine = CacheEngine(load_settings(chunk_size=CHUNK, tiers=["cpu", "example"]),
+                         tiers=[CpuTier(1 << 20, LRUPolicy()), lower])
+    try:
+        keys = chunk_keys(Namespace("pf"), range(6 * CHUNK), CHUNK)
+        payloads = [os.urandom(64) for _ in keys]
+        engine.store_buffers(keys, payloads).wait(5)
+        assert engine.flush(10)
+        engine.clear(tier="cpu")
+        engine.store_buffers(keys[:2], payloads[:2]).wait(5)
+        result = engine.lookup(keys)
+        assert result.chunks == 6 and result.by_tier == {"cpu": 2, "example": 4}
+        deadline = time.monotonic() + 5
+        while not all(engine.cpu.contains(keys)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(engine.cpu.contains(keys))
+        assert engine.metrics.get("promoted_chunks_total", "example") == 4
+    finally:
+        engine.close()
+
+
+def test_store_queue_full_drops_instead_of_blocking() -> None:
+    engine = CacheEngine(load_settings(chunk_size=CHUNK, store_queue_size=1))
+    release = threading.Event()
+
+    class SlowSource:
+        def chunk_nbytes(self) -> int:
+            return 8
+
+        def fill(self, indices, dests):  # type: ignore[no-untyped-def]
+            release.wait(5)
+            for d in dests:
+                d[:] = 1
+
+    ns = Namespace("q")
+    handles = [engine.store(chunk_keys(ns, range(i * 100, i * 100 + CHUNK), CHUNK), SlowSource())
+               for i in range(5)]
+    release.set()
+    results = [h.wait(5) for h in handles]
+    assert results.count(0) >= 1 and engine.metrics.get("stores_dropped_total") >= 1
+    engine.close()
+
+
+def test_clear_by_namespace() -> None:
+    engine = CacheEngine(load_settings(chunk_size=CHUNK))
+    a, b = Namespace("m", tenant="a"), Namespace("m", tenant="b")
+    ka, kb = engine.keys_for(a, range(8)), engine.keys_for(b, range(8))
+    engine.store_buffers(ka, [b"1"] * 2).wait(5)
+    engine.store_buffers(kb, [b"2"] * 2).wait(5)
+    assert engine.clear(a) == 2
+    assert engine.lookup(ka).chunks == 0 and engine.lookup(kb).chunks == 2
+    engine.close()

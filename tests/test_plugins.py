@@ -1,0 +1,117 @@
+"""Plugin discovery through real installed distributions and the ``kvcore`` entry-point group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcore.plugins import PluginRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "kvcore-example-tier"
+BROKEN = ROOT / "tests" / "fixtures" / "kvcore-broken-plugin"
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site directory holding two really installed plugin distributions."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(EXAMPLE), str(BROKEN)],
+        check=True, capture_output=True,
+    )
+    assert list(target.glob("kvcore_example_tier-*.dist-info"))
+    return target
+
+
+def run_kvcore(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), **env}
+    return subprocess.run([sys.executable, "-m", "kvcore.cli.main", *args],
+                          capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_third_party_tier_discovered_and_broken_plugins_reported(plugin_site: Path) -> None:
+    proc = run_kvcore(plugin_site, "plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plugins = {p["name"]: p for p in json.loads(proc.stdout)["plugins"]}
+    example = plugins["example"]
+    assert example["distribution"] == "kvcore-example-tier"
+    assert example["version"] == "0.1.0"
+    assert example["registers"]["tiers"] == ["example"]
+    assert example["error"] is None
+    assert "ImportError" in plugins["broken"]["error"]
+    assert "not_installed_anywhere" in plugins["broken"]["error"]
+    assert "registration exploded" in plugins["bad_register"]["error"]
+    assert plugins["cpu"]["registers"]["tiers"] == ["cpu"]
+
+
+def test_third_party_tier_used_by_engine(plugin_site: Path) -> None:
+    script = (
+        "import os\n"
+        "from kvcore import CacheEngine, Namespace, load_settings\n"
+        "e = CacheEngine(load_settings(chunk_size=4))\n"
+        "keys = e.keys_for(Namespace('m'), range(16))\n"
+        "payloads = [os.urandom(100) for _ in keys]\n"
+        "assert e.store_buffers(keys, payloads).wait(10) == 4\n"
+        "assert e.flush(10)\n"
+        "example = e.tiers[1]\n"
+        "assert example.name == 'example' and all(example.contains(keys))\n"
+        "e.clear(tier='cpu')\n"
+        "with e.acquire(keys) as lease:\n"
+        "    assert [bytes(v) for v in lease.views] == payloads\n"
+        "print('ok', type(example).__name__)\n"
+        "e.close()\n"
+    )
+    environment = {"PATH": os.environ["PATH"], "PYTHONPATH": str(plugin_site),
+                   "KVCORE_TIERS": "cpu,example"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=environment, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok DictTier"
+
+
+def test_allow_list_skips_other_plugins(plugin_site: Path) -> None:
+    proc = run_kvcore(plugin_site, "plugins", "--json", KVCORE_PLUGINS="kvcore-example-tier")
+    names = {p["name"] for p in json.loads(proc.stdout)["plugins"]}
+    assert "example" in names
+    assert "broken" not in names and "bad_register" not in names
+
+
+def test_unknown_tier_error_mentions_broken_plugins(plugin_site: Path) -> None:
+    script = "from kvcore import CacheEngine; CacheEngine()"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(plugin_site),
+                               "KVCORE_TIERS": "cpu,broken_tier"}, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown tier 'broken_tier'" in proc.stderr
+    assert "example" in proc.stderr and "broken" in proc.stderr
+
+
+def test_registry_in_process_registers_module() -> None:
+    import types
+
+    from kvcore.hookspecs import hookimpl
+
+    plugin = types.ModuleType("inline_plugin")
+
+    @hookimpl
+    def kvcore_register_eviction_policies(register):  # type: ignore[no-untyped-def]
+        from kvcore.eviction.lru import LRUPolicy
+
+        register("inline_lru", LRUPolicy)
+
+    plugin.kvcore_register_eviction_policies = kvcore_register_eviction_policies  # type: ignore
+    registry = PluginRegistry().load(allow=[])
+    info = registry.register_module(plugin, "inline")
+    assert info.error is None
+    assert "inline_lru" in registry.eviction_policies
+    duplicate = types.ModuleType("dup")
+    duplicate.kvcore_register_eviction_policies = kvcore_register_eviction_policies  # type: ignore
+    info = registry.register_module(duplicate, "dup")
+    assert info.error and "already registered" in info.error
