@@ -209,6 +209,7 @@ class CacheEngine:
         tiers: Sequence[Tier] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        logging.getLogger("kvcore").setLevel(self.settings.log_level)
         self.registry = registry or get_registry(self.settings.plugins)
         self.metrics = Metrics()
         self.chunk_size = self.settings.chunk_size

