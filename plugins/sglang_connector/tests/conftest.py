@@ -1,0 +1,33 @@
+"""Fixtures of the kvcore-sglang tests; the shims and pool builders are in sglang_support.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sglang.srt.mem_cache.hicache_storage",
+                    reason="SGLang sources not installed (pip install --no-deps sglang==0.5.23)")
+
+sys.path.insert(0, os.path.dirname(__file__))  # for `import sglang_support` (importlib mode)
+
+from kvcore.engine import CacheEngine  # noqa: E402
+from sglang_support import small_engine  # noqa: E402
+
+
+@pytest.fixture
+def engine() -> Iterator[CacheEngine]:
+    eng = small_engine()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from the built-in defaults, whatever the developer's shell exports."""
+    for name in list(os.environ):
+        if name.startswith("KVCORE_"):
+            monkeypatch.delenv(name)
