@@ -178,7 +178,7 @@ class Settings(_KVCoreSettingsBase):
         4 * 1024**3, description="Byte budget of the CPU tier (units: 512MiB, 4GB, ...)."
     )
     eviction: str = Field(
-        "lru", description="Eviction policy name used by every tier (see `kvcore plugins`)."
+        "prefix_value", description="Eviction policy name used by every tier (see `kvcore plugins`)."
     )
     plugins: NameList | None = Field(
         None,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.eviction.prefix_lru import PrefixLRUPolicy
+from kvcore.eviction.prefix_value import PrefixValuePolicy
 from kvcore.hookspecs import hookimpl
 
 
@@ -13,3 +14,4 @@ from kvcore.hookspecs import hookimpl
 def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
     register("lru", LRUPolicy)
     register("prefix_lru", PrefixLRUPolicy)
+    register("prefix_value", PrefixValuePolicy)
