@@ -27,6 +27,8 @@ ENTRY_POINT_GROUP = "kvcore"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.tiers.cpu",
     "kvcore.eviction.builtin",
+    "kvcore.trace.bench_plugin",
+    "kvcore.copy.bench",
 )
 KINDS = ("tiers", "eviction_policies", "transports", "connectors", "settings", "benchmarks")
 

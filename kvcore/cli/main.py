@@ -20,6 +20,9 @@ COMMANDS = (
     "kvcore.cli.plugins_cmd",
     "kvcore.cli.config_cmd",
     "kvcore.cli.bench_cmd",
+    "kvcore.cli.trace_cmd",
+    "kvcore.cli.controller_cmd",
+    "kvcore.cli.doctor_cmd",
 )
 
 

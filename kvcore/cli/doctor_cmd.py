@@ -1,0 +1,69 @@
+"""``kvcore doctor [--json]``: what this installation can do: copy backend, torch/CUDA, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from typing import Any
+
+from kvcore.cli.main import print_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("doctor", help="check copy backend, torch/CUDA and plugin loading")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
+
+
+def torch_info() -> dict[str, Any]:
+    try:
+        import torch
+    except Exception as exc:  # torch is optional for the core
+        return {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
+    info: dict[str, Any] = {"installed": True, "version": torch.__version__,
+                            "cuda_build": torch.version.cuda,
+                            "cuda_available": bool(torch.cuda.is_available())}
+    if info["cuda_available"]:
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def copy_info() -> dict[str, Any]:
+    try:
+        from kvcore.copy import backend_info
+    except Exception as exc:
+        return {"active": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
+    return backend_info()
+
+
+def plugin_errors() -> list[dict[str, str]]:
+    from kvcore.plugins import get_registry
+
+    return [{"name": p.name, "module": p.module, "error": p.error or ""}
+            for p in get_registry().failed()]
+
+
+def run(args: argparse.Namespace) -> int:
+    report = {"python": platform.python_version(), "platform": platform.platform(),
+              "copy_backend": copy_info(), "torch": torch_info(),
+              "plugin_errors": plugin_errors()}
+    if args.json:
+        print_json(report)
+        return 0
+    copy, torch = report["copy_backend"], report["torch"]
+    print(f"python        {report['python']} on {report['platform']}")
+    print(f"copy backend  {copy.get('active')}  (cpu: {copy.get('cpu')}, "
+          f"cuda: {copy.get('cuda')}, threads: {copy.get('cpu_threads')})")
+    for lib, err in copy.get("errors", {}).items():
+        print(f"              {lib}: {err}")
+    if torch["installed"]:
+        cuda = ", ".join(torch.get("devices", [])) or "no GPU"
+        print(f"torch         {torch['version']} (CUDA build: {torch['cuda_build']}; {cuda})")
+    else:
+        print(f"torch         not installed ({torch['error']})")
+    if report["plugin_errors"]:
+        for p in report["plugin_errors"]:
+            print(f"plugin ERROR  {p['name']} ({p['module']}): {p['error']}")
+    else:
+        print("plugins       all loaded")
+    return 0
