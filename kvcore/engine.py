@@ -244,6 +244,8 @@ class CacheEngine:
         for name in self.settings.tiers:
             factory = self.registry.tier_factory(name)
             context = TierContext(name, self.settings, policy_factory, self._notify)
+            if tiers:
+                context.extra["cpu"] = tiers[0]  # lower tiers may serve it (kvcore-nixl)
             tier = factory(context)
             tier.name = name
             tiers.append(tier)
@@ -550,6 +552,11 @@ class CacheEngine:
                 lower = next(x for x in self.lower if x.tier is t)
                 removed += lower.call("delete", t.delete, keys, default=0)
         return removed
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed.is_set()
 
     @property
     def tiers(self) -> list[Tier]:

@@ -1,7 +1,7 @@
 """In-process counters and latency histograms of one kvcore instance.
 
 Plain Python, no dependency: :meth:`Metrics.snapshot` gives a dict (``kvcore`` CLI, control API);
-:func:`kvcore.observability.prometheus_text` renders it in the Prometheus text format.
+:func:`kvcore.control.prometheus.render_stats` renders it in the Prometheus text format.
 """
 
 from __future__ import annotations

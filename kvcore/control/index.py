@@ -1,0 +1,126 @@
+"""The controller's global index: which instance and tier holds which chunk.
+
+Plain data, no I/O: the server calls it from its event loop (one thread), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from kvcore.keys import ChunkKey, chunk_keys, key_namespace
+
+
+@dataclass
+class InstanceState:
+    """One registered instance and what it holds, tier by tier."""
+
+    id: str
+    name: str
+    chunk_size: int
+    tiers: list[str]
+    pid: int = 0
+    host: str = ""
+    registered_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    held: dict[str, set[ChunkKey]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def tier_keys(self, tier: str) -> set[ChunkKey]:
+        return self.held.setdefault(tier, set())
+
+    def leading(self, keys: Sequence[ChunkKey]) -> tuple[int, dict[str, int]]:
+        """Leading chunks held in any tier, and in each tier by itself."""
+        by_tier = {}
+        for tier in dict.fromkeys([*self.tiers, *self.held]):
+            held = self.held.get(tier, set())
+            n = 0
+            while n < len(keys) and keys[n] in held:
+                n += 1
+            by_tier[tier] = n
+        any_n = 0
+        while any_n < len(keys) and any(keys[any_n] in h for h in self.held.values()):
+            any_n += 1
+        return any_n, by_tier
+
+
+class GlobalIndex:
+    """Instances by id, with their chunk sets; expiry by last-seen time."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, InstanceState] = {}
+
+    def register(self, state: InstanceState, reset: bool) -> InstanceState:
+        old = self.instances.get(state.id)
+        if old is not None and not reset:
+            state.held = old.held
+            state.registered_at = old.registered_at
+        self.instances[state.id] = state
+        return state
+
+    def remove(self, instance_id: str) -> bool:
+        return self.instances.pop(instance_id, None) is not None
+
+    def seen(self, instance_id: str) -> InstanceState | None:
+        state = self.instances.get(instance_id)
+        if state is not None:
+            state.last_seen = time.monotonic()
+        return state
+
+    def apply(self, instance_id: str, tier: str, kind: str, keys: list[ChunkKey]) -> None:
+        state = self.instances[instance_id]
+        held = state.tier_keys(tier)
+        if kind == "admit":
+            held.update(keys)
+        else:
+            held.difference_update(keys)
+
+    def forget(self, instance_id: str, namespace: bytes | None, tier: str | None) -> None:
+        """Drop index entries after a clear (the instance's own events may lag)."""
+        state = self.instances.get(instance_id)
+        if state is None:
+            return
+        for name, held in state.held.items():
+            if tier is not None and name != tier:
+                continue
+            if namespace is None:
+                held.clear()
+            else:
+                held.difference_update([k for k in held if key_namespace(k) == namespace])
+
+    def expire(self, expiry_s: float) -> list[str]:
+        """Remove instances not seen for ``expiry_s``; return their ids."""
+        now = time.monotonic()
+        gone = [i for i, s in self.instances.items() if now - s.last_seen > expiry_s]
+        for instance_id in gone:
+            del self.instances[instance_id]
+        return gone
+
+    def lookup(self, namespace: bytes, tokens: Sequence[int]) -> list[tuple[InstanceState, int,
+                                                                           dict[str, int]]]:
+        """For every instance: leading tokens cached in any tier, and per tier."""
+        keys_by_size: dict[int, list[ChunkKey]] = {}
+        out = []
+        for state in self.instances.values():
+            size = state.chunk_size
+            if size not in keys_by_size:
+                keys_by_size[size] = chunk_keys(namespace, tokens, size)
+            chunks, by_tier = state.leading(keys_by_size[size])
+            out.append((state, chunks * size, {t: n * size for t, n in by_tier.items()}))
+        return out
+
+    def route(self, namespace: bytes, tokens: Sequence[int]) -> tuple[InstanceState, int] | None:
+        """The instance with the longest cached prefix.
+
+        Ties go to the one holding more of it in its fastest tier, then to the one holding
+        fewer chunks in all (a proxy for load), then by id.
+        """
+        best = None
+        for state, n, by_tier in self.lookup(namespace, tokens):
+            fast = by_tier.get(state.tiers[0], 0) if state.tiers else 0
+            load = sum(len(h) for h in state.held.values())
+            rank = (-n, -fast, load, state.id)
+            if best is None or rank < best[0]:
+                best = (rank, state, n)
+        return None if best is None else (best[1], best[2])

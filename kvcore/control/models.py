@@ -1,0 +1,222 @@
+"""Request and response bodies of the control API (pydantic): the OpenAPI description is
+generated from these, and every request is validated against them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from kvcore.keys import KEY_BYTES, NAMESPACE_BYTES, Namespace
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+"""Instance ids and tier names: printable, no spaces, no slashes."""
+KeyHex = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{2 * KEY_BYTES}}}$")]
+"""A chunk key as lowercase hex (48 characters)."""
+NamespaceId = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{2 * NAMESPACE_BYTES}}}$")]
+"""A namespace digest as lowercase hex (16 characters)."""
+TokenId = Annotated[int, Field(ge=0, le=2**32 - 1)]
+MAX_TOKENS_DEFAULT = 262144
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NamespaceSpec(Strict):
+    """The fields of :class:`kvcore.keys.Namespace`; the controller hashes them."""
+
+    model: str = Field(min_length=1, max_length=512)
+    dtype: str = Field("bfloat16", max_length=64)
+    layout: str = Field("opaque", max_length=64)
+    geometry: str = Field("", max_length=512)
+    rank: int = Field(0, ge=0, le=65535)
+    world_size: int = Field(1, ge=1, le=65536)
+    tenant: str = Field("", max_length=256)
+
+    def digest(self) -> bytes:
+        return Namespace(**self.model_dump()).digest
+
+
+def namespace_digest(value: NamespaceSpec | str) -> bytes:
+    """8-byte digest of a namespace given as fields or as a hex id."""
+    return value.digest() if isinstance(value, NamespaceSpec) else bytes.fromhex(value)
+
+
+class PrefixRequest(Strict):
+    """A prompt prefix: token ids under a namespace (fields or 16-hex-digit id)."""
+
+    namespace: NamespaceSpec | NamespaceId
+    tokens: list[TokenId] = Field(max_length=MAX_TOKENS_DEFAULT)
+
+
+class TierUsageModel(BaseModel):
+    used_bytes: int = 0
+    budget_bytes: int = 0
+    chunks: int = 0
+
+
+class RegisterRequest(Strict):
+    """An instance announces itself; ``reset`` drops what the index held for it."""
+
+    id: Name
+    name: str = Field("", max_length=128)
+    chunk_size: int = Field(gt=0, le=1 << 20)
+    tiers: list[Name] = Field(min_length=1, max_length=16)
+    pid: int = Field(0, ge=0)
+    host: str = Field("", max_length=256)
+    reset: bool = True
+
+
+class TierStats(BaseModel):
+    used_bytes: int = Field(0, ge=0)
+    budget_bytes: int = Field(0, ge=0)
+    chunks: int = Field(0, ge=0)
+    error: str = Field("", max_length=4096)
+
+
+class HistogramStats(BaseModel):
+    buckets: list[tuple[float, float]] = Field(default_factory=list, max_length=64)
+    sum: float = 0.0
+    count: float = 0.0
+
+
+MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+Label = Annotated[str, StringConstraints(max_length=128)]
+
+
+class EngineStats(BaseModel):
+    """The shape of ``CacheEngine.stats()``: tier usage, counters, histograms."""
+
+    tiers: dict[Label, TierStats] = Field(default_factory=dict, max_length=64)
+    counters: dict[MetricName, dict[Label, float]] = Field(default_factory=dict,
+                                                           max_length=1024)
+    histograms: dict[MetricName, dict[Label, HistogramStats]] = Field(default_factory=dict,
+                                                                      max_length=256)
+
+
+class HeartbeatRequest(Strict):
+    """Liveness plus the instance's ``CacheEngine.stats()``."""
+
+    stats: EngineStats = Field(default_factory=EngineStats)
+
+
+class Event(Strict):
+    tier: Name
+    kind: Literal["admit", "evict"]
+    keys: list[KeyHex] = Field(max_length=65536)
+
+
+class EventsRequest(Strict):
+    events: list[Event] = Field(max_length=4096)
+
+
+class CommandResult(Strict):
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str = Field("", max_length=4096)
+
+
+class ClearRequest(Strict):
+    """Clear chunks; every field narrows (none given clears everything everywhere)."""
+
+    namespace: NamespaceSpec | NamespaceId | None = None
+    instance: Name | None = None
+    tier: Name | None = None
+
+
+class PinRequest(PrefixRequest):
+    """Pin (or unpin) the chunks of a prefix in one instance, or in every instance."""
+
+    instance: Name | None = None
+
+
+class Place(Strict):
+    instance: Name
+    tier: Name = "cpu"
+
+
+class MoveRequest(PrefixRequest):
+    """Copy (or move) the cached leading chunks of a prefix from one place to another."""
+
+    source: Place
+    target: Place
+    mode: Literal["copy", "move"] = "copy"
+
+
+class InstanceResult(BaseModel):
+    instance: str
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str = ""
+
+
+class MutationResponse(BaseModel):
+    results: list[InstanceResult]
+
+
+class InstanceHolding(BaseModel):
+    instance: str
+    name: str
+    tokens: int = Field(description="Leading tokens cached in any tier of the instance.")
+    by_tier: dict[str, int] = Field(description="Leading tokens cached in each tier.")
+
+
+class LookupResponse(BaseModel):
+    prompt_tokens: int
+    instances: list[InstanceHolding]
+
+
+class RouteResponse(BaseModel):
+    instance: str | None = Field(description="Best instance, or null when none is registered.")
+    name: str = ""
+    tokens: int = 0
+
+
+class InstanceInfo(BaseModel):
+    id: str
+    name: str
+    host: str
+    pid: int
+    chunk_size: int
+    tiers: dict[str, TierUsageModel]
+    chunks_indexed: dict[str, int]
+    registered_at: float
+    last_seen: float
+
+
+class InstancesResponse(BaseModel):
+    instances: list[InstanceInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    version: str
+    instances: int
+
+
+class RegisterResponse(BaseModel):
+    id: str
+    heartbeat_s: float
+    expiry_s: float
+
+
+class Command(BaseModel):
+    id: str
+    op: str
+    args: dict[str, Any]
+
+
+class CommandsResponse(BaseModel):
+    commands: list[Command]
+
+
+class OkResponse(BaseModel):
+    ok: bool = True
+
+
+class MoveResponse(BaseModel):
+    chunks: int = Field(description="Chunks copied (or moved).")
+    tokens: int
+    mode: Literal["copy", "move"]

@@ -1,0 +1,154 @@
+"""With a real vLLM engine (kvcore-vllm connector) reporting to a real controller: its kvcore
+hits show in the controller's metrics, and a prefix pinned through the control API survives
+pressure that evicts everything else."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+if importlib.util.find_spec("vllm") is None:  # not imported here: it is slow to import
+    pytest.skip("vLLM is not installed", allow_module_level=True)
+pytest.importorskip("fastapi")
+testing = pytest.importorskip("kvcore_vllm.testing")
+
+TOKEN = "vllm-test-token"
+
+
+def start_controller() -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "KVCORE_CONTROLLER_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "kvcore.cli.main", "controller", "--port",
+                             "0"], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    return proc, line.split()[-1]
+
+CHILD = textwrap.dedent('''
+    """One vLLM engine with kvcore reporting to the controller; writes what it saw as JSON."""
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+    import kvcore_vllm.connector as connector
+    from kvcore_vllm.runtime import flush_all
+    from kvcore_vllm.testing import _drain
+    from kvcore.control import attach
+    from kvcore.control.client import ControllerClient
+
+    spec = json.loads(open(sys.argv[1]).read())
+    engines = []
+    acquire = connector.acquire_engine
+
+    def acquire_and_attach(settings):
+        engine = acquire(settings)
+        attach(engine)  # a no-op returning the same reporter if the connector attached already
+        engines.append(engine)
+        return engine
+
+    connector.acquire_engine = acquire_and_attach
+
+    if __name__ == "__main__":
+        llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True,
+                  max_model_len=4096, max_num_batched_tokens=4096, seed=0,
+                  kv_cache_memory_bytes=256 << 20,
+                  kv_transfer_config=KVTransferConfig(kv_connector="KVCoreConnector",
+                                                      kv_role="kv_both"))
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        client = ControllerClient(spec["url"], spec["token"])
+        out = {}
+
+        def generate(prompt):
+            llm.reset_prefix_cache()  # vLLM's own cache off: hits can only come from kvcore
+            result = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params,
+                                  use_tqdm=False)
+            flush_all()
+            _drain(llm)
+            return int(result[0].num_cached_tokens or 0)
+
+        def wait_for(check, timeout=30.0):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                value = check()
+                if value:
+                    return value
+                time.sleep(0.1)
+            return check()
+
+        engine = engines[0]
+        reporter = engine.control_reporter
+        pinned, pressure = spec["pinned"], spec["pressure"]
+        out["first"] = generate(pinned)
+        namespace = next(engine.cpu.iter_keys())[:8].hex()
+        instance = reporter.instance_id
+        out["indexed"] = wait_for(lambda: client.lookup(namespace, pinned).get(instance))
+        out["hit"] = generate(pinned)
+
+        def hit_tokens():
+            text = client.metrics_text()
+            for line in text.splitlines():
+                if line.startswith("kvcore_hit_tokens_total{") and instance in line:
+                    return float(line.split()[-1])
+            return 0.0
+
+        out["metrics_hit_tokens"] = wait_for(lambda: hit_tokens() >= out["hit"] > 0 and
+                                             hit_tokens())
+        out["pin"] = client.pin(namespace, pinned, instance=instance)
+        out["pressure_first"] = [generate(p) for p in pressure]
+        out["evictions"] = engine.metrics.get("evictions_total", "cpu")
+        out["pressure_again"] = generate(pressure[0])
+        out["pinned_again"] = generate(pinned)
+        out["index_pinned"] = wait_for(lambda: client.lookup(namespace, pinned).get(instance))
+        with open(sys.argv[2], "w") as f:
+            json.dump(out, f)
+''')
+
+
+def test_vllm_hits_in_metrics_and_pinned_prefix_survives(tmp_path: Path) -> None:
+    model = testing.build_tiny_llama(tmp_path / "llama", layers=2, hidden=256, heads=4,
+                                     kv_heads=2, max_positions=4096)
+    chunk = 256
+    pinned = testing.random_prompt(2 * chunk + 1, seed=1)
+    pressure = [testing.random_prompt(2 * chunk + 1, seed=10 + i) for i in range(8)]
+    chunk_bytes = 2 * 2 * 2 * 64 * 2 * chunk  # layers * (K,V) * kv heads * head size * bf16
+    proc, url = start_controller()
+    try:
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"model": str(model), "url": url, "token": TOKEN,
+                                    "pinned": pinned, "pressure": pressure}))
+        script, result = tmp_path / "child.py", tmp_path / "out.json"
+        script.write_text(CHILD)
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "TOKENIZERS_PARALLELISM": "false",
+               "KVCORE_CHUNK_SIZE": str(chunk), "KVCORE_CPU_SIZE": str(8 * chunk_bytes),
+               "KVCORE_EVICTION": "lru", "KVCORE_CONTROLLER_URL": url,
+               "KVCORE_CONTROLLER_TOKEN": TOKEN, "KVCORE_CONTROLLER_HEARTBEAT_S": "0.2",
+               "KVCORE_CONTROLLER_FLUSH_S": "0.05"}
+        run = subprocess.run([sys.executable, str(script), str(spec), str(result)], env=env,
+                             capture_output=True, text=True, timeout=540)
+        assert run.returncode == 0 and result.exists(), (run.stdout + run.stderr)[-6000:]
+        out = json.loads(result.read_text())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert out["first"] == 0
+    assert out["indexed"] == 2 * chunk
+    assert out["hit"] == 2 * chunk
+    assert out["metrics_hit_tokens"] >= 2 * chunk
+    (pin,) = out["pin"]
+    assert pin["ok"] and pin["result"]["chunks"] == 2
+    assert out["pressure_first"] == [0] * len(pressure)
+    assert out["evictions"] >= len(pressure) * 2 - 6  # 16 chunks through 6 free slots
+    assert out["pressure_again"] == 0  # evicted by the pressure
+    assert out["pinned_again"] == 2 * chunk  # the pinned prefix survived
+    assert out["index_pinned"] == 2 * chunk
