@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.eviction.builtin",
     "kvcore.trace.bench_plugin",
     "kvcore.copy.bench",
+    "kvcore.control.plugin",
 )
 KINDS = ("tiers", "eviction_policies", "transports", "connectors", "settings", "benchmarks")
 
