@@ -1,0 +1,49 @@
+"""Settings of the Redis tier: ``KVCORE_REDIS_*`` variables or the ``redis:`` config table."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from kvcore.config import ByteSize, PluginSettings
+
+MiB = 1024**2
+
+
+class RedisSettings(PluginSettings):
+    """Where the Redis tier connects and how it stores chunks."""
+
+    model_config = SettingsConfigDict(env_prefix="KVCORE_REDIS_", extra="ignore", frozen=True)
+    file_section: ClassVar[str] = "redis"
+
+    url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description=(
+            "Server: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock, or a "
+            "cluster: redis+cluster://host1:port1,host2:port2 or several comma-separated URLs."
+        ),
+    )
+    username: str | None = Field(None, description="ACL user (overrides the one in the URL).")
+    password: SecretStr | None = Field(
+        None, description="Password (overrides the one in the URL); never printed."
+    )
+    size: ByteSize = Field(
+        0,
+        description=(
+            "Bytes of the server this deployment counts on (reported as the budget); 0 uses the "
+            "server's maxmemory. The server evicts (maxmemory-policy), not kvcore."
+        ),
+    )
+    prefix: str = Field("kvcore:", description="Prefix of every key kvcore writes.")
+    part_size: ByteSize = Field(
+        4 * MiB, ge=64 * 1024, description="Values larger than this are stored as several keys."
+    )
+    ttl_s: float = Field(0.0, ge=0, description="Expire chunks after this many seconds (0: never).")
+    socket_timeout_s: float = Field(2.0, gt=0, description="Longest wait for one reply.")
+    connect_timeout_s: float = Field(1.0, gt=0, description="Longest wait to connect.")
+    retry_interval_s: float = Field(
+        1.0, gt=0, description="After a failure, calls are misses for this long before a retry."
+    )
+    max_connections: int = Field(64, gt=0, description="Connections per server node.")
