@@ -47,3 +47,11 @@ def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
 
     ``add_arguments(parser)`` adds options; ``run(args) -> dict`` measures and returns figures.
     """
+
+
+@hookspec
+def kvcore_register_commands(register: Callable[..., None]) -> None:
+    """Register ``kvcore NAME`` sub-commands: ``register(name, add_parser)``.
+
+    ``add_parser(subparsers)`` adds the sub-command and sets ``func(args) -> int`` on it.
+    """

@@ -31,7 +31,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.copy.bench",
     "kvcore.control.plugin",
 )
-KINDS = ("tiers", "eviction_policies", "transports", "connectors", "settings", "benchmarks")
+KINDS = (
+    "tiers", "eviction_policies", "transports", "connectors", "settings", "benchmarks", "commands",
+)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class PluginRegistry:
         self.connectors: dict[str, ConnectorInfo] = {}
         self.settings: dict[str, type] = {}
         self.benchmarks: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+        self.commands: dict[str, Callable[..., Any]] = {}
 
     # -- loading -------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Entry point of the ``kvcore`` console script.
 
 Each module in :data:`COMMANDS` defines ``add_parser(subparsers)``, which adds its sub-command
-and sets ``func(args) -> int`` on it. A :class:`~kvcore.config.ConfigError` anywhere prints one
+and sets ``func(args) -> int`` on it; plugins add theirs through ``kvcore_register_commands``. A :class:`~kvcore.config.ConfigError` anywhere prints one
 line and exits with status 2, without a traceback.
 """
 
@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS:
         importlib.import_module(module_name).add_parser(sub)
+    from kvcore.plugins import get_registry
+
+    for name, add_parser in sorted(get_registry().commands.items()):
+        try:
+            add_parser(sub)
+        except Exception as exc:  # a plugin's broken command must not break the CLI
+            logging.getLogger("kvcore.cli").warning("command %s from a plugin failed: %s",
+                                                    name, exc)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""The ``nixl_peer`` tier: other instances' CPU tiers as a lower tier of this one.
+
+``KVCORE_TIERS=cpu,nixl_peer`` with ``KVCORE_NIXL_PEERS=host:port,...``: ``contains`` asks the
+peers which chunks they hold (no data moves), ``get`` READs them over NIXL; the engine then
+promotes them into its own CPU tier. The tier stores nothing itself (``put`` refuses), so
+write-behind costs nothing. With ``KVCORE_NIXL_SERVE=1`` the same tier also serves this
+process's CPU tier to peers, which makes prefill/decode disaggregation and peer-to-peer reuse
+one mechanism: the prefill side serves, the decode side reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from kvcore.config import load_settings
+from kvcore.interfaces import Buffer, Tier, TierContext, TierUsage
+from kvcore.keys import ChunkKey
+from kvcore.tiers.cpu import CpuTier
+from kvcore_nixl.agent import Agent, shared_agent
+from kvcore_nixl.client import PeerClient, PeerError
+from kvcore_nixl.server import ChunkServer
+from kvcore_nixl.settings import NixlSettings
+
+log = logging.getLogger("kvcore.nixl.tier")
+
+
+class NixlPeerTier(Tier):
+    """Reads chunks from peers over NIXL; optionally serves the local CPU tier."""
+
+    name = "nixl_peer"
+    framed = False  # bytes come straight from a peer's memory tier, which holds raw payloads
+
+    def __init__(
+        self, settings: NixlSettings, cpu: CpuTier | None = None, agent: Agent | None = None
+    ) -> None:
+        self.settings = settings
+        self._agent = agent
+        self.server: ChunkServer | None = None
+        if settings.serve and cpu is not None:
+            self.server = start_server(cpu, settings, self.agent)
+        elif settings.serve:
+            log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no CPU tier was given; not serving")
+        self.clients = [
+            PeerClient(address, self.agent, settings.timeout_s, settings.connect_timeout_s,
+                       settings.retry_s)
+            for address in settings.peers
+        ] if settings.peers else []
+
+    @property
+    def agent(self) -> Agent:
+        if self._agent is None:
+            self._agent = shared_agent(self.settings.backend)
+        return self._agent
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = [False] * len(keys)
+        todo = list(range(len(keys)))
+        for client in self.clients:
+            if not todo:
+                break
+            try:
+                hits = client.contains([keys[i] for i in todo])
+            except PeerError as exc:
+                log.debug("kvcore nixl: %s", exc)
+                continue
+            for i, hit in zip(todo, hits):
+                found[i] = hit
+            todo = [i for i, hit in zip(todo, hits) if not hit]
+        return found
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        values: list[Buffer | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for client in self.clients:
+            if not todo:
+                break
+            got = client.read([keys[i] for i in todo], self.settings.timeout_s)
+            for i, value in zip(todo, got):
+                values[i] = value
+            todo = [i for i in todo if values[i] is None]
+        return values
+
+    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
+        return [False] * len(items)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        return 0
+
+    def usage(self) -> TierUsage:
+        return TierUsage(0, 0, 0)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def start_server(
+    cpu: CpuTier, settings: NixlSettings | None = None, agent: Agent | None = None
+) -> ChunkServer | None:
+    """Serve ``cpu`` to peers on ``settings.listen``; ``None`` (logged) if that fails.
+
+    For connectors that build their own CPU tier: call once in the process that stores KV.
+    """
+    settings = settings or load_settings(NixlSettings)
+    try:
+        return ChunkServer(cpu, agent or shared_agent(settings.backend), settings.listen,
+                           settings.lease_timeout_s)
+    except Exception as exc:
+        log.warning("kvcore nixl: cannot serve on %s: %s", settings.listen, exc)
+        return None
+
+
+def make_peer_tier(context: TierContext) -> NixlPeerTier:
+    cpu = context.extra.get("cpu")
+    return NixlPeerTier(load_settings(NixlSettings), cpu if isinstance(cpu, CpuTier) else None)
