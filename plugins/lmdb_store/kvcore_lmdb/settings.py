@@ -1,0 +1,53 @@
+"""Settings of the disk tier: ``KVCORE_LMDB_*`` variables or the ``lmdb:`` table of the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from kvcore.config import ByteSize, PluginSettings
+
+
+def _default_path() -> str:
+    return str(Path.home() / ".cache" / "kvcore" / "lmdb")
+
+
+class LmdbSettings(PluginSettings):
+    """Where the store lives and how large it may grow."""
+
+    model_config = SettingsConfigDict(
+        **{**PluginSettings.model_config, "env_prefix": "KVCORE_LMDB_"}
+    )
+    file_section: ClassVar[str] = "lmdb"
+
+    path: str = Field(
+        default_factory=_default_path,
+        description="Directory of the store (created if missing; ~ is expanded); shared by every "
+        "process on the host that names it.",
+    )
+    size: ByteSize = Field(
+        16 * 1024**3,
+        description="Byte budget of the whole store, for all processes together (units: 512MiB, "
+        "16GiB, ...).",
+    )
+    inline_max: ByteSize = Field(
+        64 * 1024,
+        description="Values up to this size are kept inside LMDB; larger ones in their own file.",
+    )
+    fsync: bool = Field(
+        False,
+        description="fsync payload files before indexing them (survive power loss, not only "
+        "process crashes); slower.",
+    )
+    retry_s: float = Field(
+        30.0, gt=0, description="Seconds between attempts to open a store that failed to open."
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
