@@ -9,6 +9,7 @@ in the future, and does not admit a block whose next use is farther than every c
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Hashable, Sequence
 
 NEVER = 1 << 62
@@ -28,9 +29,14 @@ def next_uses(requests: Sequence[Sequence[Hashable]]) -> list[list[int]]:
     return out
 
 
-def belady_hits(requests: Sequence[Sequence[Hashable]], capacity: int) -> tuple[int, int]:
-    """(hit blocks, total blocks) of the clairvoyant policy at ``capacity`` blocks."""
+def belady_hits(requests: Sequence[Sequence[Hashable]], capacity: int,
+                by_use: Counter[int] | None = None) -> tuple[int, int]:
+    """(hit blocks, total blocks) of the clairvoyant policy at ``capacity`` blocks.
+
+    ``by_use``, if given, counts the hits by how often their block was used before (capped at 6).
+    """
     following = next_uses(requests)
+    used: Counter[Hashable] = Counter()
     cached: dict[Hashable, int] = {}  # block -> its next use
     heap: list[tuple[int, int, Hashable]] = []  # (-next use, tie, block)
     hits = total = 0
@@ -41,6 +47,10 @@ def belady_hits(requests: Sequence[Sequence[Hashable]], capacity: int) -> tuple[
         while run < len(blocks) and blocks[run] in cached:
             run += 1
         hits += run
+        if by_use is not None:
+            for block in blocks[:run]:
+                by_use[min(used[block], 6)] += 1
+            used.update(blocks)
         for block, upcoming in zip(blocks, nexts):
             if block in cached:
                 cached[block] = upcoming
