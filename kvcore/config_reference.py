@@ -36,7 +36,8 @@ def _default_text(cls: type[BaseSettings], name: str) -> str:
 
 def settings_table(cls: type[BaseSettings], title: str) -> list[str]:
     prefix = str(cls.model_config.get("env_prefix", "KVCORE_"))
-    lines = [f"## {title}", "", "| variable | default | meaning |", "| --- | --- | --- |"]
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    lines = [f"## {title}", "", summary, "", "| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in cls.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{prefix}{name.upper()}` | `{_default_text(cls, name)}` | "
@@ -57,11 +58,13 @@ def reference_markdown(plugin_settings: dict[str, type[BaseSettings]]) -> str:
         "units (`512MiB`, `4GB`); lists are comma-separated (`cpu,lmdb`).",
         "",
     ]
-    lines += settings_table(Settings, "Core (`kvcore`)")
+    lines += settings_table(Settings, "`KVCORE_*`: core")
     shipped = [c for c in plugin_settings.values() if not c.__module__.startswith(EXAMPLES)]
     ordered = sorted(shipped,
                      key=lambda c: str(c.model_config.get("env_prefix", "")))
     for cls in ordered:
-        title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
-        lines += settings_table(cls, f"{title} (`{cls.__module__.split('.')[0]}`)")
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        package = cls.__module__.split(".")[0].replace("_", "-")
+        owner = "core, control API" if package == "kvcore" else package
+        lines += settings_table(cls, f"`{prefix}*`: {owner}")
     return "\n".join(lines)
