@@ -1,0 +1,268 @@
+"""``KVCoreConnector``: the vLLM v1 KV connector (role ``kv_both``) backed by kvcore.
+
+vLLM creates one instance per role: the SCHEDULER instance delegates to
+:class:`~kvcore_vllm.scheduler.SchedulerSide`, the WORKER instance to
+:class:`~kvcore_vllm.worker.WorkerSide`. Both use the process-wide CacheEngine of
+:mod:`kvcore_vllm.runtime` (one engine when they share a process, as with one CPU worker).
+
+Every method that vLLM calls while serving catches kvcore's failures: an exception here would
+kill the engine, so a failure becomes a miss (lookup), a recompute (load) or a dropped store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvcore.config import Settings, load_settings
+from kvcore_vllm.metadata import KVCoreMetadata
+from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
+from kvcore_vllm.runtime import acquire_engine, counters, release_engine
+from kvcore_vllm.scheduler import SchedulerSide
+from kvcore_vllm.settings import VllmSettings
+from kvcore_vllm.version import check_vllm_version
+from kvcore_vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.kvcore")
+
+_EXTRA_PREFIX = "kvcore."
+
+
+def _settings_from(extra: dict[str, Any]) -> tuple[Settings, VllmSettings]:
+    """Core and plugin settings: ``kvcore.*`` keys of kv_connector_extra_config over the env."""
+    given = {k[len(_EXTRA_PREFIX):]: v for k, v in extra.items() if k.startswith(_EXTRA_PREFIX)}
+    core = {k: v for k, v in given.items() if k in Settings.model_fields}
+    plugin = {k.removeprefix("vllm_"): v for k, v in given.items()
+              if k.removeprefix("vllm_") in VllmSettings.model_fields}
+    return load_settings(Settings, **core), load_settings(VllmSettings, **plugin)
+
+
+def _worker_rank(vllm_config: "VllmConfig") -> int:
+    """This worker's rank among tensor x pipeline parallel ranks (0 when not distributed)."""
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        tp = int(vllm_config.parallel_config.tensor_parallel_size)
+        return int(get_tensor_model_parallel_rank()) + tp * int(get_pp_group().rank_in_group)
+    except Exception:
+        return 0
+
+
+def _workers_in_scheduler_process(vllm_config: "VllmConfig") -> bool:
+    """One worker run by the uniprocess executor lives in the scheduler's process."""
+    parallel = vllm_config.parallel_config
+    backend = parallel.distributed_executor_backend
+    return parallel.world_size == 1 and (backend in (None, "uni") or not isinstance(backend, str))
+
+
+class KVCoreConnector(KVConnectorBase_V1):
+    """kvcore as a vLLM KV connector: see the module docstring and docs/vllm.md."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig") -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        check_vllm_version()
+        transfer = vllm_config.kv_transfer_config
+        settings, self.plugin_settings = _settings_from(dict(transfer.kv_connector_extra_config))
+        layer_names, spec = kv_geometry(kv_cache_config)
+        block_size = int(spec.block_size)
+        blocks_per_chunk = check_chunk_size(settings.chunk_size, block_size)
+        self.engine = acquire_engine(settings)
+        self.scheduler: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if (self.plugin_settings.load_failure_policy == "recompute"
+                    and transfer.kv_load_failure_policy != "recompute"):
+                # kvcore is a cache: a chunk that fails to load is recomputed, never an error.
+                transfer.kv_load_failure_policy = "recompute"
+            # With TP/PP > 1 the workers run in other processes: look up rank 0's chunks (in
+            # shared lower tiers only; no prefetch into this process's memory); a rank that
+            # lacks its shard reports load errors and vLLM recomputes (docs/vllm.md).
+            shared = _workers_in_scheduler_process(vllm_config)
+            if not shared:
+                log.info("kvcore: vLLM's workers run in other processes than its scheduler: "
+                         "lookups use a mirror of the worker's CPU-tier keys (sent back each "
+                         "step) and the shared lower tiers")
+            self.scheduler = SchedulerSide(self.engine, engine_namespace(
+                vllm_config, kv_cache_config, rank=0), block_size, blocks_per_chunk,
+                worker_in_process=shared)
+        else:
+            rank = _worker_rank(vllm_config)
+            self.worker = WorkerSide(
+                self.engine, engine_namespace(vllm_config, kv_cache_config, rank=rank),
+                block_size, blocks_per_chunk, layer_names,
+                layerwise=self.plugin_settings.layerwise,
+                load_timeout_s=self.plugin_settings.load_timeout_s,
+                store_timeout_s=self.plugin_settings.store_timeout_s)
+
+    @contextmanager
+    def _timed(self, what: str) -> Iterator[None]:
+        """Time spent in the connector on vLLM's critical path (metric vllm_connector_seconds)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.engine is not None:
+                self.engine.metrics.observe("vllm_connector_seconds",
+                                            time.perf_counter() - started, what)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped store is only a future miss
+
+    def counters(self) -> dict[str, float]:
+        """The connector's own kvcore metrics (``vllm_*``)."""
+        return counters(self.engine)
+
+    # ==============================
+    # Worker side
+    # ==============================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        self.worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self.worker is not None and isinstance(kv_connector_metadata, KVCoreMetadata):
+            try:
+                self.worker.cancel_stores(kv_connector_metadata.preempted)
+            except Exception as exc:
+                self.worker._warn_once("cancelling stores", exc)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self.worker is None or not isinstance(meta, KVCoreMetadata):
+            return
+        self.handle_preemptions(meta)
+        try:
+            with self._timed("start_load_kv"):
+                self.worker.start_load(meta)
+        except Exception as exc:
+            for spec in meta.loads:
+                self.worker._fail(spec.block_ids)
+            self.worker._warn_once("load", exc)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.worker is not None:
+            try:
+                self.worker.wait_for_layer(layer_name)
+            except Exception as exc:
+                self.worker._warn_once("layer-wise load", exc)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return  # whole blocks are stored after the step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self.worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        try:
+            with self._timed("wait_for_save"):
+                self.worker.finish_layerwise()
+                if isinstance(meta, KVCoreMetadata):
+                    self.worker.submit_stores(meta)
+        except Exception as exc:
+            self.worker._warn_once("store", exc)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker is None:
+            return None, None
+        try:
+            with self._timed("get_finished"):
+                done = self.worker.get_finished(finished_req_ids)
+        except Exception as exc:
+            self.worker._warn_once("get_finished", exc)
+            done = set()
+        return (done or None), None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self.worker is None:
+            return None
+        try:
+            return self.worker.take_worker_meta()
+        except Exception as exc:
+            self.worker._warn_once("worker metadata", exc)
+            return None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        if self.worker is None:
+            return set()
+        self.worker.finish_layerwise()
+        return self.worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None  # type: ignore[assignment]
+            release_engine(engine)
+
+    # ==============================
+    # Scheduler side
+    # ==============================
+
+    def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self.scheduler is not None:
+            self.scheduler.kv_cache_manager = kv_cache_manager
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        if self.scheduler is not None and connector_output.kv_connector_worker_meta is not None:
+            try:
+                self.scheduler.apply_worker_meta(connector_output.kv_connector_worker_meta)
+            except Exception as exc:
+                self.scheduler._warn_once("worker metadata", exc)
+
+    def on_new_request(self, request: "Request") -> None:
+        if self.scheduler is not None:
+            with self._timed("on_new_request"):
+                self.scheduler.on_new_request(request)
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        with self._timed("get_num_new_matched_tokens"):
+            return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        with self._timed("build_connector_meta"):
+            return self.scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        try:
+            return self.scheduler.request_finished(request), None
+        except Exception as exc:
+            self.scheduler._warn_once("request_finished", exc)
+            return False, None

@@ -1,0 +1,335 @@
+"""Worker side of the connector: moves whole engine blocks between vLLM's KV cache and kvcore.
+
+- **Load** (``start_load``): lease the chunks from kvcore (zero copy) and scatter them into the
+  request's blocks in one batched copy per request, or layer by layer in a background thread
+  (``KVCORE_VLLM_LAYERWISE``) so layer i+1 loads while layer i computes. A chunk that is missing,
+  late or has the wrong size turns its blocks into load errors (vLLM recomputes them).
+- **Store** (``submit_stores``): hand kvcore a :class:`BlockSource`; kvcore's store thread
+  reserves CPU buffers and gathers all the blocks in one call, off the critical path. A finished
+  request's blocks stay allocated until its stores are done (reported by ``get_finished``); a
+  preempted request's pending stores are cancelled before vLLM reuses its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvcore.engine import CacheEngine, StoreHandle
+from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace
+from kvcore_vllm.copyops import KVLayout, gather, layout_for, scatter
+from kvcore_vllm.metadata import KVCoreMetadata, KVCoreWorkerMeta, LoadSpec
+
+log = logging.getLogger("vllm.kvcore")
+
+
+class BlockSource:
+    """kvcore ChunkSource over vLLM blocks; :meth:`cancel` makes a not-yet-run fill fail."""
+
+    def __init__(self, layers: Sequence[torch.Tensor], layout: KVLayout, block_ids: list[int],
+                 blocks_per_chunk: int, ready: Any = None) -> None:
+        self.layers, self.layout, self.block_ids = layers, layout, block_ids
+        self.k = blocks_per_chunk
+        self.ready = ready
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def chunk_nbytes(self) -> int:
+        return len(self.layers) * self.k * self.layout.block_bytes
+
+    def fill(self, indices: Sequence[int], dests: Sequence[np.ndarray]) -> None:
+        with self._lock:
+            if self._cancelled:
+                raise RuntimeError("store cancelled: the request's blocks were released")
+            if self.ready is not None:
+                self.ready.synchronize()  # GPU: the step's KV writes are complete
+            ids = [b for i in indices for b in self.block_ids[i * self.k:(i + 1) * self.k]]
+            gather(self.layers, self.layout, ids, dests, self.k)
+
+    def cancel(self) -> None:
+        """Waits for a fill in progress (a memcpy), then prevents any later fill."""
+        with self._lock:
+            self._cancelled = True
+
+
+class _LayerwiseLoad:
+    """Scatters one step's leased chunks layer by layer in a thread; one event per layer."""
+
+    def __init__(self, worker: "WorkerSide", jobs: list[tuple[LoadSpec, Any, int]]) -> None:
+        self.worker = worker
+        self.jobs = jobs
+        self.events = [threading.Event() for _ in worker.layers]
+        self.failed: set[int] = set()
+        self.thread = threading.Thread(target=self._run, name="kvcore-layerwise", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for layer in range(len(self.worker.layers)):
+                for spec, lease, n in self.jobs:
+                    try:
+                        self.worker._scatter(spec, lease.views[:n], layers=[layer])
+                    except Exception as exc:
+                        self.failed.update(spec.block_ids)
+                        self.worker._warn_once("layer-wise load", exc)
+                self.events[layer].set()
+        finally:
+            for event in self.events:
+                event.set()
+            for _, lease, _ in self.jobs:
+                lease.close()
+
+
+class WorkerSide:
+    """Loads and stores for one vLLM worker; see the module docstring."""
+
+    def __init__(self, engine: CacheEngine, namespace: Namespace, block_size: int,
+                 blocks_per_chunk: int, layer_names: list[str], layerwise: bool,
+                 load_timeout_s: float, store_timeout_s: float) -> None:
+        self.engine = engine
+        self.namespace = namespace
+        self._digests: dict[str, bytes] = {}
+        self._rank0_digest: dict[bytes, bytes] = {}
+        self._events: list[tuple[bool, list[bytes]]] = []
+        self._events_lock = threading.Lock()
+        engine.subscribe(self._on_tier_event)
+        self.block_size = block_size
+        self.k = blocks_per_chunk
+        self.layer_names = layer_names
+        self.layerwise = layerwise
+        self.load_timeout_s = load_timeout_s
+        self.store_timeout_s = store_timeout_s
+        self.layers: list[torch.Tensor] = []
+        self.layout: KVLayout | None = None
+        self._layer_index: dict[str, int] = {}
+        self._load_errors: set[int] = set()
+        self._pending: dict[str, list[tuple[StoreHandle, BlockSource]]] = {}
+        self._finished: dict[str, float] = {}
+        self._layerwise: _LayerwiseLoad | None = None
+        self._logged: set[str] = set()
+
+    def _fail(self, block_ids: Sequence[int]) -> None:
+        """Blocks whose load failed: reported to vLLM (recompute) and zeroed, as vLLM would
+        have zeroed them had the scheduler not skipped that for a load."""
+        block_ids = list(block_ids)
+        if not block_ids:
+            return
+        self._load_errors.update(block_ids)
+        try:
+            for layer in self.layers:
+                ids = torch.as_tensor(block_ids, dtype=torch.long, device=layer.device)
+                flash = layer.dim() == 5 and layer.shape[0] == 2
+                layer.index_fill_(1 if flash else 0, ids, 0)
+        except Exception as exc:
+            self._warn_once("zeroing failed blocks", exc)
+
+    def _warn_once(self, what: str, exc: BaseException) -> None:
+        self.engine.metrics.inc("vllm_worker_errors_total", label=what)
+        if what not in self._logged:
+            self._logged.add(what)
+            log.warning("kvcore: %s failed (%s: %s); the blocks are recomputed", what,
+                        type(exc).__name__, exc)
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self.layer_names if n in kv_caches] or sorted(kv_caches)
+        self.layers = [kv_caches[n] for n in names]
+        self._layer_index = {n: i for i, n in enumerate(names)}
+        layouts = {layout_for(t) for t in self.layers}
+        if len(layouts) != 1:
+            raise ValueError(f"kvcore: KV layers differ in layout: {layouts}")
+        self.layout = layouts.pop()
+        log.info("kvcore: %d KV layers of shape %s, %d bytes per block, %d blocks per chunk",
+                 len(self.layers), tuple(self.layers[0].shape), self.layout.block_bytes, self.k)
+
+    def own_keys(self, keys: list[ChunkKey], tenant: str) -> list[ChunkKey]:
+        """The scheduler's keys (rank 0's namespace) in this rank's namespace, same tenant."""
+        digest = self._digests.get(tenant)
+        if digest is None:
+            digest = self._digests[tenant] = self.namespace.with_tenant(tenant).digest
+        if keys:
+            self._rank0_digest[digest] = keys[0][:NAMESPACE_BYTES]
+        if keys and keys[0][:NAMESPACE_BYTES] == digest:
+            return keys
+        return [digest + key[NAMESPACE_BYTES:] for key in keys]
+
+    def chunk_nbytes(self) -> int:
+        assert self.layout is not None
+        return len(self.layers) * self.k * self.layout.block_bytes
+
+    # -- load ------------------------------------------------------------------------------------
+
+    def _scatter(self, spec: LoadSpec, views: Sequence[Any], layers: list[int] | None = None) -> None:
+        """Copy leased chunk ``views`` into the spec's blocks (of ``layers``, default all)."""
+        assert self.layout is not None
+        k, bb = self.k, self.layout.block_bytes
+        indices = layers if layers is not None else list(range(len(self.layers)))
+        skip, first = spec.skip_blocks, 0
+        if skip:  # first chunk partly computed by vLLM: copy only its remaining blocks
+            part = k - skip
+            for l in indices:
+                src = views[0][(l * k + skip) * bb:(l + 1) * k * bb]
+                scatter([src], [self.layers[l]], self.layout, spec.block_ids[:part], part)
+            first, offset = 1, part
+        else:
+            offset = 0
+        rest = views[first:]
+        if not rest:
+            return
+        ids = spec.block_ids[offset:offset + len(rest) * k]
+        if layers is None:
+            scatter(rest, self.layers, self.layout, ids, k)
+        else:
+            for l in indices:
+                srcs = [v[l * k * bb:(l + 1) * k * bb] for v in rest]
+                scatter(srcs, [self.layers[l]], self.layout, ids, k)
+
+    def _failed_blocks(self, spec: LoadSpec, loaded_chunks: int) -> list[int]:
+        """Block ids of the spec from chunk ``loaded_chunks`` on."""
+        if loaded_chunks == 0:
+            return list(spec.block_ids)
+        return spec.block_ids[(self.k - spec.skip_blocks) + (loaded_chunks - 1) * self.k:]
+
+    def start_load(self, meta: KVCoreMetadata) -> None:
+        jobs = []
+        for spec in meta.loads:
+            if not spec.keys:  # the scheduler could not plan this promised load
+                self._fail(spec.block_ids)
+                continue
+            try:
+                keys = self.own_keys(spec.keys, spec.tenant)
+                lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s)
+            except Exception as exc:
+                self._fail(spec.block_ids)
+                self._warn_once("acquiring chunks", exc)
+                continue
+            nbytes = self.chunk_nbytes()  # a chunk of another size is foreign: never copy it
+            n = next((i for i, v in enumerate(lease.views) if v.nbytes != nbytes), len(lease))
+            if n < len(spec.keys):
+                failed = self._failed_blocks(spec, n)
+                self._fail(failed)
+                self.engine.metrics.inc("vllm_load_error_blocks_total", len(failed))
+                self._warn_once("loading chunks", RuntimeError(
+                    f"{len(spec.keys) - n} of {len(spec.keys)} promised chunks unavailable"))
+            if n == 0:
+                lease.close()
+                continue
+            loaded = (n * self.k - spec.skip_blocks) * self.block_size
+            self.engine.metrics.inc("vllm_loaded_tokens_total", loaded)
+            if self.layerwise:
+                jobs.append((spec, lease, n))
+                continue
+            try:
+                self._scatter(spec, lease.views[:n])
+            except Exception as exc:
+                self._fail(spec.block_ids)
+                self._warn_once("scatter", exc)
+            finally:
+                lease.close()
+        if jobs:
+            self._layerwise = _LayerwiseLoad(self, jobs)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        load = self._layerwise
+        if load is None:
+            return
+        index = self._layer_index.get(layer_name)
+        if index is not None and not load.events[index].wait(self.load_timeout_s):
+            for spec, _, _ in load.jobs:
+                load.failed.update(spec.block_ids)
+            self._warn_once("layer-wise load", TimeoutError(f"layer {layer_name} late"))
+
+    def finish_layerwise(self) -> None:
+        """Join the layer-wise loader (it only copies memory, so this ends)."""
+        load, self._layerwise = self._layerwise, None
+        if load is not None:
+            load.thread.join()
+            self._fail(sorted(load.failed))
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- what the scheduler in another process needs to know ----------------------------------
+
+    def _on_tier_event(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
+        if tier != self.engine.cpu.name:
+            return
+        mapped = []
+        for key in keys:
+            rank0 = self._rank0_digest.get(key[:NAMESPACE_BYTES])
+            if rank0 is not None:
+                mapped.append(rank0 + key[NAMESPACE_BYTES:])
+        if mapped:
+            with self._events_lock:
+                self._events.append((kind == "admit", mapped))
+
+    def take_worker_meta(self) -> KVCoreWorkerMeta | None:
+        with self._events_lock:
+            events, self._events = self._events, []
+        return KVCoreWorkerMeta(events) if events else None
+
+    # -- store -----------------------------------------------------------------------------------
+
+    def submit_stores(self, meta: KVCoreMetadata) -> None:
+        if not meta.stores:
+            return
+        assert self.layout is not None
+        ready = None
+        if self.layers and self.layers[0].is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        for spec in meta.stores:
+            source = BlockSource(self.layers, self.layout, spec.block_ids, self.k, ready)
+            pending = self._pending.setdefault(spec.req_id, [])
+            try:
+                handle = self.engine.store(self.own_keys(spec.keys, spec.tenant), source)
+            except Exception as exc:
+                self._warn_once("store", exc)
+                continue
+            pending.append((handle, source))
+            self.engine.metrics.inc("vllm_store_requests_total")
+
+    def cancel_stores(self, req_ids: set[str]) -> None:
+        """Preempted requests: their blocks are about to be reused."""
+        for req_id in req_ids:
+            if req_id not in self._pending:
+                continue
+            for handle, source in self._pending[req_id]:
+                if not handle.done():
+                    source.cancel()
+                    self.engine.metrics.inc("vllm_store_cancelled_total")
+            self._pending[req_id] = []  # still reported as finished when the request ends
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Finished requests whose stores are done (their blocks can be freed now)."""
+        now = time.monotonic()
+        for req_id in finished_req_ids:
+            if req_id in self._pending:
+                self._finished.setdefault(req_id, now)
+        done: set[str] = set()
+        for req_id, since in list(self._finished.items()):
+            pending = self._pending.get(req_id, [])
+            if all(h.done() for h, _ in pending):
+                done.add(req_id)
+            elif now - since > self.store_timeout_s:
+                for handle, source in pending:
+                    source.cancel()
+                self.engine.metrics.inc("vllm_store_timeouts_total")
+                self._warn_once("store", TimeoutError(
+                    f"not done after {self.store_timeout_s}s; blocks released"))
+                done.add(req_id)
+        for req_id in done:
+            self._finished.pop(req_id, None)
+            self._pending.pop(req_id, None)
+        return done
+
+    def close(self) -> None:
+        self.finish_layerwise()

@@ -1,0 +1,198 @@
+"""Drive KVCoreConnector through vLLM's real scheduler without a model.
+
+Both connector roles run in this process and share one kvcore engine, as in a one-worker vLLM.
+A fake forward writes each computed block with bytes derived from the tokens up to the end of
+that block (as a real model's KV depends only on the prefix), so a test can check that every
+block of a request holds exactly the bytes a recompute would give, loaded or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from vllm import SamplingParams
+from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig,
+                         SchedulerConfig, VllmConfig)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from kvcore_vllm.connector import KVCoreConnector
+from kvcore_vllm.registration import register_with_vllm
+
+EOS = 2
+HEADS, HEAD = 2, 8
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn",
+          "model.layers.2.self_attn.attn"]
+_ids = itertools.count(1)
+init_none_hash(sha256)
+register_with_vllm()
+
+
+def write_model_config(directory: Path) -> Path:
+    """Only config.json: enough for vLLM's ModelConfig (no weights are loaded here)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=HEADS,
+                max_position_embeddings=8192).save_pretrained(directory)
+    return directory
+
+
+def make_vllm_config(model_dir: Path, block_size: int = 16, chunk_size: int = 32,
+                     prefix_caching: bool = True, extra: dict[str, Any] | None = None,
+                     max_batched: int = 2048) -> VllmConfig:
+    model_config = ModelConfig(model=str(model_dir), dtype="bfloat16", seed=0,
+                               skip_tokenizer_init=True)
+    return VllmConfig(
+        model_config=model_config,
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=16, max_num_batched_tokens=max_batched, max_model_len=4096,
+            enable_chunked_prefill=True, is_encoder_decoder=False),
+        cache_config=CacheConfig(block_size=block_size, gpu_memory_utilization=0.9,
+                                 cache_dtype="auto", enable_prefix_caching=prefix_caching),
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="KVCoreConnector", kv_role="kv_both",
+            kv_connector_extra_config={"kvcore.chunk_size": chunk_size, **(extra or {})}),
+        device_config=DeviceConfig("cpu"),
+    )
+
+
+@dataclass
+class Harness:
+    """A real vLLM scheduler plus a worker-role connector over fake CPU-layout KV tensors."""
+
+    config: VllmConfig
+    num_blocks: int = 64
+    worker_in_process: bool = True
+    """False: the scheduler sees the worker only through its per-step metadata (as with vLLM's
+    multiprocess executor); True: both share one engine (uniprocess executor)."""
+    scheduler: Scheduler = field(init=False)
+    worker: KVCoreConnector = field(init=False)
+    kv: dict[str, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        bs = self.config.cache_config.block_size
+        spec = FullAttentionSpec(block_size=bs, num_kv_heads=HEADS, head_size=HEAD,
+                                 dtype=torch.bfloat16)
+        kv_cache_config = KVCacheConfig(num_blocks=self.num_blocks, kv_cache_tensors=[],
+                                        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
+        self.config.cache_config.num_gpu_blocks = self.num_blocks
+        self.worker = KVCoreConnector(self.config, KVConnectorRole.WORKER, kv_cache_config)
+        self.kv = {name: torch.zeros(self.num_blocks, HEADS, bs, 2 * HEAD, dtype=torch.bfloat16)
+                   for name in LAYERS}
+        self.worker.register_kv_caches(self.kv)
+        self.scheduler = Scheduler(
+            vllm_config=self.config, kv_cache_config=kv_cache_config, log_stats=True,
+            structured_output_manager=StructuredOutputManager(self.config), block_size=bs)
+        self.connector.scheduler.worker_in_process = self.worker_in_process
+        self.sending_log: list[set[str]] = []
+        self.error_log: list[set[int]] = []
+
+    @property
+    def block_size(self) -> int:
+        return self.config.cache_config.block_size
+
+    @property
+    def connector(self) -> KVCoreConnector:
+        return self.scheduler.connector  # type: ignore[return-value]
+
+    def request(self, tokens: list[int], max_tokens: int = 2, salt: str | None = None) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        params.update_from_generation_config({}, EOS)
+        req = Request(request_id=f"r{next(_ids)}", prompt_token_ids=list(tokens),
+                      sampling_params=params, pooling_params=None, cache_salt=salt,
+                      block_hasher=get_request_block_hasher(self.block_size, sha256))
+        self.scheduler.add_request(req)
+        return req
+
+    # -- the fake model --------------------------------------------------------------------------
+
+    def expected_block(self, tokens: list[int], index: int, layer: int) -> torch.Tensor:
+        """What the model writes into block ``index`` of a sequence (depends on the prefix)."""
+        end = (index + 1) * self.block_size
+        seed = hashlib.sha256(np.asarray(tokens[:end] + [layer], "<u4").tobytes()).digest()
+        rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))
+        shape = (HEADS, self.block_size, 2 * HEAD)
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(torch.bfloat16)
+
+    def _forward(self, req_id: str, start: int, count: int) -> None:
+        req = self.scheduler.requests[req_id]
+        tokens = list(req.all_token_ids)
+        block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
+        first, last = start // self.block_size, (start + count - 1) // self.block_size
+        for b in range(first, last + 1):
+            if (b + 1) * self.block_size > start + count:
+                continue  # partial block: a real model writes only some rows; skip it
+            for layer, name in enumerate(LAYERS):
+                self.kv[name][block_ids[b]] = self.expected_block(tokens, b, layer)
+
+    def blocks_match(self, req: Request, upto_tokens: int) -> bool:
+        """Every complete block of ``req`` below ``upto_tokens`` holds the expected bytes."""
+        tokens = list(req.all_token_ids)
+        block_ids = self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0]
+        for b in range(upto_tokens // self.block_size):
+            for layer, name in enumerate(LAYERS):
+                if not torch.equal(self.kv[name][block_ids[b]],
+                                   self.expected_block(tokens, b, layer)):
+                    return False
+        return True
+
+    # -- one engine step -------------------------------------------------------------------------
+
+    def step(self, before_load: Any = None) -> Any:
+        out = self.scheduler.schedule()
+        meta = out.kv_connector_metadata
+        self.worker.bind_connector_metadata(meta)
+        self.worker.handle_preemptions(meta)
+        if before_load is not None:
+            before_load(meta)
+        self.worker.start_load_kv(None)  # type: ignore[arg-type]
+        for name in LAYERS:  # what each attention layer does first
+            self.worker.wait_for_layer_load(name)
+        starts = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        starts.update(dict(zip(cached.req_ids, cached.num_computed_tokens)))
+        for req_id, count in out.num_scheduled_tokens.items():
+            self._forward(req_id, starts[req_id], count)
+        self.worker.wait_for_save()
+        self.worker.engine.flush(10.0)  # deterministic tests: stores land before reporting
+        sending, _ = self.worker.get_finished(out.finished_req_ids)
+        errors = self.worker.get_block_ids_with_load_errors()
+        worker_meta = self.worker.build_connector_worker_meta()
+        self.worker.clear_connector_metadata()
+        self.sending_log.append(set(sending or ()))
+        self.error_log.append(set(errors))
+        req_ids = list(out.num_scheduled_tokens)
+        output = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[[1000 + i] for i in range(len(req_ids))], logprobs=None,
+            prompt_logprobs_dict={}, pooler_output=None,
+            kv_connector_output=KVConnectorOutput(finished_sending=sending,
+                                                  invalid_block_ids=errors,
+                                                  kv_connector_worker_meta=worker_meta))
+        self.scheduler.update_from_output(out, output)
+        return out
+
+    def run_until_idle(self, limit: int = 50) -> None:
+        for _ in range(limit):
+            if not self.scheduler.has_requests():
+                return
+            self.step()
+        raise AssertionError("scheduler did not become idle")
+
+    def close(self) -> None:
+        self.scheduler.shutdown()
+        self.connector.shutdown()
+        self.worker.shutdown()
