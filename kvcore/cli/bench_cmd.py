@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 
 from kvcore.cli.main import print_json
 from kvcore.plugins import get_registry
@@ -36,9 +38,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             missing.set_defaults(func=_missing(name, dist))
 
 
+class _Progress:
+    """Elapsed time of a running benchmark on stderr (a live line on a terminal)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def _tick(self) -> None:
+        started = time.monotonic()
+        tty = sys.stderr.isatty()
+        period = 1.0 if tty else 15.0
+        while not self._stop.wait(period):
+            elapsed = time.monotonic() - started
+            end = "\r" if tty else "\n"
+            print(f"kvcore bench {self.name}: running, {elapsed:4.0f}s", end=end,
+                  file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_Progress":
+        print(f"kvcore bench {self.name}: started", file=sys.stderr, flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        print(f"kvcore bench {self.name}: done" + " " * 20, file=sys.stderr, flush=True)
+
+
 def _runner(run):  # type: ignore[no-untyped-def]
     def func(args: argparse.Namespace) -> int:
-        figures = run(args)
+        with _Progress(args.bench):
+            figures = run(args)
         if args.json:
             print_json(figures)
         else:

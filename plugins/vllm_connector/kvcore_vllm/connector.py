@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvcore.config import Settings, load_settings
+from kvcore.engine import CacheEngine
 from kvcore_vllm.metadata import KVCoreMetadata
 from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
 from kvcore_vllm.runtime import acquire_engine, counters, release_engine
@@ -117,6 +118,7 @@ class KVCoreConnector(KVConnectorBase_V1):
                 layerwise=self.plugin_settings.layerwise,
                 load_timeout_s=self.plugin_settings.load_timeout_s,
                 store_timeout_s=self.plugin_settings.store_timeout_s)
+            _report_to_controller(self.engine)
 
     @contextmanager
     def _timed(self, what: str) -> Iterator[None]:
@@ -266,3 +268,14 @@ class KVCoreConnector(KVConnectorBase_V1):
         except Exception as exc:
             self.scheduler._warn_once("request_finished", exc)
             return False, None
+
+
+def _report_to_controller(engine: CacheEngine) -> None:
+    """Report the worker's engine to ``KVCORE_CONTROLLER_URL`` when set (never fails the engine)."""
+    try:
+        from kvcore.control import attach
+
+        attach(engine)
+    except Exception as exc:
+        log.warning("kvcore: cannot report to the controller (%s: %s); serving without it",
+                    type(exc).__name__, exc)

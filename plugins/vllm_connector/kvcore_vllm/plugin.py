@@ -23,3 +23,18 @@ def kvcore_register_connectors(register: Callable[..., None]) -> None:
 @hookimpl
 def kvcore_register_settings(register: Callable[..., None]) -> None:
     register(VllmSettings)
+
+
+@hookimpl
+def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
+    def add_arguments(parser):  # type: ignore[no-untyped-def]
+        from kvcore_vllm.bench import add_arguments as add
+
+        add(parser)
+
+    def run(args):  # type: ignore[no-untyped-def]
+        from kvcore_vllm.bench import run as run_bench
+
+        return run_bench(args)
+
+    register("engine", add_arguments, run)
