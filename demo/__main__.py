@@ -80,8 +80,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40, help="mooncake: requests replayed")
     parser.add_argument("--block-tokens", type=int, default=128,
                         help="mooncake: tokens per 512-token trace block (scaled down)")
-    parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--kv-pool-tokens", type=int, default=9216,
+    parser.add_argument("--max-model-len", type=int, default=12288)
+    parser.add_argument("--kv-pool-tokens", type=int, default=13312,
                         help="engine KV pool, in tokens (small on purpose)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")

@@ -42,8 +42,8 @@ class Request:
 class ChatWorkload:
     users: int = 4
     rounds: int = 3
-    system_tokens: int = 512
-    doc_tokens: tuple[int, ...] = (1536, 3072, 1024, 4096)
+    system_tokens: int = 1024
+    doc_tokens: tuple[int, ...] = (3072, 6144, 2048, 7168)
     question_tokens: int = 64
     answer_tokens: int = 32
     seed: int = 7
