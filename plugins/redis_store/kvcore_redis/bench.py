@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
 
 from kvcore import chunk_format
 from kvcore.keys import Namespace, chunk_keys

@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 from kvcore_vllm.testing import Step, build_tiny_llama, random_prompt, run_engine
