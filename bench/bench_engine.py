@@ -69,7 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     tokens = np.random.default_rng(1).integers(0, 128_000, args.prompt_tokens, dtype=np.uint32)
     results = {}
-    for policy in ("lru", "prefix_lru"):
+    from kvcore.plugins import get_registry
+
+    for policy in sorted(get_registry(allow=[]).eviction_policies):
         empty = CacheEngine(load_settings(eviction=policy, cpu_size=1 << 40))
         _, base_lookup = time_lookup(empty, tokens, args.repeat)
         empty.close()
@@ -100,7 +102,7 @@ def main() -> None:
     print(f"{args.prompt_tokens}-token prompt ({args.prompt_tokens // 256} chunks), "
           f"{args.chunks:,} chunks indexed, {platform.machine()}")
     for policy, r in results.items():
-        print(f"  {policy:<11} keys {r['hash_ms']:.2f} ms | lookup miss {r['lookup_miss_ms']:.3f} ms"
+        print(f"  {policy:<13} keys {r['hash_ms']:.2f} ms | lookup miss {r['lookup_miss_ms']:.3f} ms"
               f" hit {r['lookup_hit_ms']:.3f} ms (empty index {r['lookup_empty_index_ms']:.3f} ms,"
               f" ratio {r['ratio_full_vs_empty']:.2f}) | {r['metadata_bytes_per_chunk']:.0f} B/chunk")
 

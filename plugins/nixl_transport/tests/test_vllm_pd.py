@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 from conftest import HERE
 
-pytestmark = pytest.mark.vllm
+pytestmark = [
+    pytest.mark.vllm,
+    # Known problem, tracked in issue 9: since the vLLM connector loads lower-tier chunks inside
+    # vLLM's worker process, the decode worker's NIXL read (or its start-up) can hang there.
+    # Opt in with KVCORE_RUN_PD_VLLM=1 until that is fixed; the NIXL transfer, tier, failure and
+    # proxy tests in this folder run always.
+    pytest.mark.skipif(os.environ.get("KVCORE_RUN_PD_VLLM") != "1",
+                       reason="P/D over NIXL inside vLLM workers hangs (issue 9); "
+                              "set KVCORE_RUN_PD_VLLM=1 to run"),
+]
 testing = pytest.importorskip("kvcore_vllm.testing")
 
 CHUNK = 256
