@@ -28,7 +28,10 @@ def complete(client: httpx.Client, url: str, request: Request) -> Result:
     first = None
     pieces: list[str] = []
     with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(f"server answered {response.status_code} for a "
+                               f"{request.tokens}-token prompt: {response.text[:300]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue

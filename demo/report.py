@@ -36,6 +36,10 @@ class RunSummary:
         }
 
 
+def _seconds(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.3f}s"
+
+
 def table(runs: list[RunSummary]) -> str:
     header = (f"{'run':<16}{'reqs':>6}{'TTFT mean':>11}{'TTFT p90':>10}{'repeated':>10}"
               f"{'rep p90':>9}{'req/s':>8}{'tok/s':>9}{'hit ratio':>11}")
@@ -43,8 +47,8 @@ def table(runs: list[RunSummary]) -> str:
     for run in runs:
         r = run.row()
         lines.append(f"{run.name:<16}{r['requests']:>6}{r['ttft_mean_s']:>10.3f}s"
-                     f"{r['ttft_p90_s']:>9.3f}s{r['repeated_ttft_mean_s']:>9.3f}s"
-                     f"{r['repeated_ttft_p90_s']:>8.3f}s{r['requests_per_s']:>8.2f}"
+                     f"{r['ttft_p90_s']:>9.3f}s{_seconds(r['repeated_ttft_mean_s']):>10}"
+                     f"{_seconds(r['repeated_ttft_p90_s']):>9}{r['requests_per_s']:>8.2f}"
                      f"{r['tokens_per_s']:>9.0f}{r['hit_ratio']:>10.1%}")
     return "\n".join(lines)
 

@@ -79,17 +79,30 @@ def hash_seed(user: str, round_: int, seed: int) -> int:
 
 def mooncake_requests(trace: Path, limit: int, block_tokens: int, max_tokens_total: int,
                       output_tokens: int = 16) -> Iterator[Request]:
-    """Requests of a Mooncake-format trace, blocks of 512 tokens scaled to ``block_tokens``."""
+    """Requests of a Mooncake-format trace, blocks of 512 tokens scaled to ``block_tokens``.
+
+    Only requests of prefix families (first block id used by two or more requests of the
+    trace) are replayed, in trace order: the first ``limit`` requests of the file share nothing,
+    and a short demo would show no reuse at all. The sharing among them is kept as it is.
+    """
+    records = [json.loads(line) for line in open(trace) if line.strip()]
+    family_sizes: dict[int, int] = {}
+    for record in records:
+        if record["hash_ids"]:
+            first = record["hash_ids"][0]
+            family_sizes[first] = family_sizes.get(first, 0) + 1
     seen: set[int] = set()
-    with open(trace) as f:
-        for n, line in enumerate(f):
-            if n >= limit:
-                break
-            record = json.loads(line)
-            ids = record["hash_ids"][: max(1, (max_tokens_total - output_tokens) // block_tokens)]
-            tokens: list[str] = []
-            for hash_id in ids:
-                tokens += words(1_000_003 + int(hash_id), block_tokens)
-            repeated = bool(ids) and ids[0] in seen
-            seen.update(ids)
-            yield Request(f"trace{n}", 0, " ".join(tokens), repeated, output_tokens, len(tokens))
+    sent = 0
+    for n, record in enumerate(records):
+        if sent >= limit:
+            break
+        if not record["hash_ids"] or family_sizes[record["hash_ids"][0]] < 2:
+            continue
+        ids = record["hash_ids"][: max(1, (max_tokens_total - output_tokens) // block_tokens)]
+        tokens: list[str] = []
+        for hash_id in ids:
+            tokens += words(1_000_003 + int(hash_id), block_tokens)
+        repeated = ids[0] in seen
+        seen.update(ids)
+        sent += 1
+        yield Request(f"trace{n}", 0, " ".join(tokens), repeated, output_tokens, len(tokens))
