@@ -280,44 +280,29 @@ class CacheEngine:
         started = time.perf_counter()
         keys = list(keys)
         result = LookupResult(0, self.chunk_size)
-        in_cpu = self.cpu.contains(keys)
-        n = 0
-        while n < len(keys) and in_cpu[n]:
-            n += 1
-        if n:
-            self.cpu.touch(keys[:n])
-            result.by_tier[self.cpu.name] = n
-        rest = keys[n:]
-        if rest and self.lower:
-            still = [i for i, hit in enumerate(in_cpu[n:]) if not hit]
-            found = [False] * len(rest)
-            for i in range(len(rest)):
-                found[i] = in_cpu[n + i]
-            answered: dict[int, str] = {}
-            for tier in self.lower:
-                if not still:
-                    break
-                hits = tier.contains([rest[i] for i in still])
-                for i, hit in zip(still, hits):
-                    if hit:
-                        found[i] = True
-                        answered[i] = tier.name
-                still = [i for i, hit in zip(still, hits) if not hit]
-            m = 0
-            while m < len(rest) and found[m]:
-                m += 1
-            for i in range(m):
-                if i in answered:
-                    result.by_tier[answered[i]] = result.by_tier.get(answered[i], 0) + 1
-                else:
-                    result.by_tier[self.cpu.name] = result.by_tier.get(self.cpu.name, 0) + 1
-            n += m
-            if prefetch:
-                lower_hits = [rest[i] for i in range(m) if i in answered]
-                parents = {rest[i]: (keys[n - m + i - 1] if n - m + i > 0 else None)
-                           for i in range(m) if i in answered}
-                if lower_hits:
-                    self._start_prefetch(lower_hits, parents)
+        # source[i]: the first tier (fastest first) that holds chunk i, None where none does
+        source: list[str | None] = [self.cpu.name if hit else None
+                                    for hit in self.cpu.contains(keys)]
+        first_gap = next((i for i, s in enumerate(source) if s is None), len(keys))
+        missing = [i for i in range(first_gap, len(keys)) if source[i] is None]
+        for tier in self.lower:
+            if not missing:
+                break
+            hits = tier.contains([keys[i] for i in missing])
+            for i, hit in zip(missing, hits):
+                if hit:
+                    source[i] = tier.name
+            missing = [i for i, hit in zip(missing, hits) if not hit]
+        n = next((i for i, s in enumerate(source) if s is None), len(keys))
+        for name in source[:n]:
+            result.by_tier[name] = result.by_tier.get(name, 0) + 1  # type: ignore[index]
+        in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.cpu.name]
+        if in_memory:
+            self.cpu.touch(in_memory)
+        below = [i for i in range(n) if source[i] != self.cpu.name]
+        if prefetch and below:
+            self._start_prefetch([keys[i] for i in below],
+                                 {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.chunks = n
         self.metrics.inc("lookups_total")
         self.metrics.inc("hit_tokens_total", n * self.chunk_size)
