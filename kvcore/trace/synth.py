@@ -12,17 +12,23 @@ import random
 from kvcore.trace.format import BLOCK_TOKENS, Request
 
 
+class _FreshIds:
+    """``fresh(n)``: n block ids never handed out before."""
+
+    def __init__(self) -> None:
+        self.next_id = 0
+
+    def __call__(self, n: int) -> list[int]:
+        ids = list(range(self.next_id, self.next_id + n))
+        self.next_id += n
+        return ids
+
+
 def conversations(n_requests: int = 2000, seed: int = 0, prompts: int = 8,
                   active: int = 64) -> list[Request]:
     """Interleaved multi-turn conversations sharing ``prompts`` system prompts."""
     rng = random.Random(seed)
-    next_id = 0
-
-    def fresh(n: int) -> list[int]:
-        nonlocal next_id
-        ids = list(range(next_id, next_id + n))
-        next_id += n
-        return ids
+    fresh = _FreshIds()
 
     heads = [fresh(rng.randint(2, 6)) for _ in range(prompts)]
     chats: list[list[int]] = []
@@ -44,13 +50,7 @@ def documents(n_requests: int = 2000, seed: int = 0, docs: int = 300,
               scan_share: float = 0.3) -> list[Request]:
     """Questions over Zipf-popular long documents, plus one-off long scans."""
     rng = random.Random(seed)
-    next_id = 0
-
-    def fresh(n: int) -> list[int]:
-        nonlocal next_id
-        ids = list(range(next_id, next_id + n))
-        next_id += n
-        return ids
+    fresh = _FreshIds()
 
     corpus = [fresh(rng.randint(4, 40)) for _ in range(docs)]
     weights = [1.0 / (rank + 1) for rank in range(docs)]
