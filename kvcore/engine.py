@@ -33,6 +33,7 @@ from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.interfaces import Buffer, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
 from kvcore.metrics import Metrics
+from kvcore.pending import PendingStores
 from kvcore.plugins import PluginRegistry, get_registry
 from kvcore.tiers.cpu import CpuTier
 
@@ -207,8 +208,14 @@ class CacheEngine:
         settings: Settings | None = None,
         registry: PluginRegistry | None = None,
         tiers: Sequence[Tier] | None = None,
+        serve_cpu: bool = True,
     ) -> None:
+        """``serve_cpu=False``: lower tiers must not offer this instance's CPU tier to peers
+        (a lookup-only instance, such as vLLM's scheduler when its worker runs elsewhere)."""
         self.settings = settings or load_settings()
+        self._serve_cpu = serve_cpu
+        self.pending = PendingStores()
+        """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logging.getLogger("kvcore").setLevel(self.settings.log_level)
         self.registry = registry or get_registry(self.settings.plugins)
         self.metrics = Metrics()
@@ -246,6 +253,8 @@ class CacheEngine:
             context = TierContext(name, self.settings, policy_factory, self._notify)
             if tiers:
                 context.extra["cpu"] = tiers[0]  # lower tiers may serve it (kvcore-nixl)
+                context.extra["serve_cpu"] = self._serve_cpu
+                context.extra["pending"] = self.pending
             tier = factory(context)
             tier.name = name
             tiers.append(tier)
@@ -364,9 +373,12 @@ class CacheEngine:
         skipped. Returns at once; if the queue is full the store is dropped (counted).
         """
         future: Future = Future()
+        keys = list(keys)
+        self.pending.add(keys)
         try:
-            self._store_queue.put_nowait((list(keys), source, future))
+            self._store_queue.put_nowait((keys, source, future))
         except queue.Full:
+            self.pending.remove(keys)
             self.metrics.inc("stores_dropped_total")
             future.set_result(0)
         return StoreHandle(future)
@@ -389,6 +401,7 @@ class CacheEngine:
                 log.warning("kvcore store failed: %s: %s", type(exc).__name__, exc)
                 future.set_result(0)
             finally:
+                self.pending.remove(keys)
                 self._store_queue.task_done()
 
     def _store_now(self, keys: list[ChunkKey], source: ChunkSource) -> int:

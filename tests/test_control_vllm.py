@@ -49,8 +49,8 @@ CHILD = textwrap.dedent('''
     engines = []
     acquire = connector.acquire_engine
 
-    def acquire_and_attach(settings):
-        engine = acquire(settings)
+    def acquire_and_attach(settings, **kwargs):
+        engine = acquire(settings, **kwargs)
         attach(engine)  # a no-op returning the same reporter if the connector attached already
         engines.append(engine)
         return engine

@@ -3,6 +3,13 @@
 ``nixl_cu12`` (the CUDA 12 wheel, importable without torch or a GPU) is tried first, then the
 meta-package ``nixl``. The agent runs with strict thread synchronisation because the server,
 the notification reaper and tier reads call it from different threads.
+
+NIXL's own progress thread is off by default: its Python API starts it with a zero delay, so it
+spins on a core for as long as the process lives. Inside a vLLM CPU worker, which pins all its
+threads to the cores of its OpenMP pool, that spinning thread took half the worker's core and
+starved the engine (start-up took minutes, transfers timed out). kvcore drives progress itself:
+a reader polls its transfer, and :class:`~kvcore_nixl.server.ChunkServer` polls while leases
+are live. ``KVCORE_NIXL_PROGRESS_THREAD=1`` turns NIXL's thread back on.
 """
 
 from __future__ import annotations
@@ -39,10 +46,13 @@ def load_nixl() -> Any:
 class Agent:
     """A NIXL agent plus a count of live memory registrations (for leak checks)."""
 
-    def __init__(self, name: str | None = None, backend: str = "UCX") -> None:
+    def __init__(
+        self, name: str | None = None, backend: str = "UCX", progress_thread: bool = False
+    ) -> None:
         nixl = load_nixl()
         config = nixl.nixl_agent_config(
-            backends=[backend], sync_mode=nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+            enable_prog_thread=progress_thread, backends=[backend],
+            sync_mode=nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
         )
         self.name = name or f"kvcore-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.backend = backend
@@ -78,10 +88,10 @@ def address_of(array: np.ndarray) -> int:
     return int(array.ctypes.data)
 
 
-def shared_agent(backend: str = "UCX") -> Agent:
-    """The process-wide agent (created on first use)."""
+def shared_agent(backend: str = "UCX", progress_thread: bool = False) -> Agent:
+    """The process-wide agent (created on first use, with the arguments of that first call)."""
     global _shared
     with _lock:
         if _shared is None:
-            _shared = Agent(backend=backend)
+            _shared = Agent(backend=backend, progress_thread=progress_thread)
         return _shared

@@ -26,6 +26,8 @@ from kvcore_nixl.settings import split_address
 
 log = logging.getLogger("kvcore.nixl.client")
 _GRAVEYARD: list[np.ndarray] = []
+POLL_S = 0.0001
+"""Pause between polls of a transfer in flight."""
 
 
 class PeerError(ConnectionError):
@@ -232,13 +234,13 @@ class PeerClient:
         return out
 
     def _wait(self, handle: Any, state: str, deadline: float) -> bool:
-        pause = 0.0001
+        """Poll the transfer until it ends. Each poll also drives NIXL's progress (there is no
+        progress thread by default, see :mod:`kvcore_nixl.agent`), so the pause stays short."""
         while state == "PROC":
             if time.monotonic() > deadline:
                 log.warning("kvcore nixl: transfer from %s timed out", self.address)
                 return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            time.sleep(POLL_S)
             state = self.agent.nixl.check_xfer_state(handle)
         if state != "DONE":
             log.warning("kvcore nixl: transfer from %s failed (%s)", self.address, state)

@@ -3,12 +3,13 @@
 A peer talks to the server over a small TCP side channel (:mod:`kvcore_nixl.wire`):
 
 - ``hello`` -> the agent's NIXL metadata (connection info), once per connection;
-- ``contains`` (keys) -> which keys the CPU tier holds;
-- ``lease`` (keys) -> the server acquires the chunks it holds (so they are neither evicted nor
+- ``contains`` (keys) -> which keys the CPU tier holds or is storing right now;
+- ``lease`` (keys) -> the server waits (briefly) for stores of those keys still running, then
+  acquires the chunks it holds (so they are neither evicted nor
   freed), registers their memory with NIXL and answers ``(address, length)`` per chunk plus the
   partial NIXL metadata of that registration; the peer then READs the bytes itself;
 - ``release`` (lease id) -> ends a lease early (the peer's transfer failed);
-- ``stats`` -> live leases and registrations (tests, operators).
+- ``stats`` -> live leases, registrations, chunks held and being stored (tests, operators).
 
 A lease ends when the peer's READ completes (its notification ``kvcore-done:<id>`` arrives), on
 ``release``, or after ``lease_timeout_s``; each end deregisters the memory and releases the
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from kvcore.keys import ChunkKey
+from kvcore.pending import PendingStores
 from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl import wire
 from kvcore_nixl.agent import Agent, address_of
@@ -35,6 +37,8 @@ from kvcore_nixl.settings import split_address
 
 log = logging.getLogger("kvcore.nixl.server")
 DONE_PREFIX = b"kvcore-done:"
+BUSY_POLL_S = 0.0001
+IDLE_POLL_S = 0.005
 
 
 @dataclass
@@ -49,11 +53,17 @@ class ChunkServer:
 
     def __init__(
         self, cpu: CpuTier, agent: Agent, listen: str = "127.0.0.1:0",
-        lease_timeout_s: float = 30.0,
+        lease_timeout_s: float = 30.0, pending: PendingStores | None = None,
+        store_wait_s: float = 1.0,
     ) -> None:
+        """``pending``: the engine's stores in progress; chunks there count as held, and a
+        lease waits for them up to ``store_wait_s`` (a decode side that asks right after the
+        prefill answered finds the whole prompt)."""
         self.cpu = cpu
         self.agent = agent
         self.lease_timeout_s = lease_timeout_s
+        self.pending = pending
+        self.store_wait_s = store_wait_s
         self._leases: dict[int, _Lease] = {}
         self._lock = threading.Lock()
         self._next_id = 1
@@ -78,7 +88,10 @@ class ChunkServer:
         if op == "hello":
             return {"agent": self.agent.name}, self.agent.metadata()
         if op == "contains":
-            hits = self.cpu.contains(wire.split_keys(body))
+            keys = wire.split_keys(body)
+            hits = self.cpu.contains(keys)
+            if self.pending is not None and not all(hits):
+                hits = [h or p for h, p in zip(hits, self.pending.contains(keys))]
             return {"hits": [int(h) for h in hits]}, b""
         if op == "lease":
             return self.lease(wire.split_keys(body))
@@ -89,11 +102,17 @@ class ChunkServer:
             with self._lock:
                 leases = len(self._leases)
             return {"leases": leases, "registrations": self.agent.registrations,
-                    "chunks": self.cpu.usage().chunks}, b""
+                    "chunks": self.cpu.usage().chunks,
+                    "storing": len(self.pending) if self.pending is not None else 0}, b""
         return {"error": f"unknown op {op!r}"}, b""
 
     def lease(self, keys: list[ChunkKey]) -> tuple[dict[str, Any], bytes]:
         """Hold and register the chunks of ``keys`` this tier has; describe them."""
+        if self.pending is not None:
+            missing = [k for k, hit in zip(keys, self.cpu.contains(keys)) if not hit]
+            if missing and not self.pending.wait(missing, self.store_wait_s):
+                log.info("kvcore nixl: stores still running after %.1fs; leasing what is held",
+                         self.store_wait_s)
         views = self.cpu.acquire(keys)
         held = [k for k, v in zip(keys, views) if v is not None]
         if not held:
@@ -145,7 +164,13 @@ class ChunkServer:
     # -- completion and expiry -----------------------------------------------------------------
 
     def _reap(self) -> None:
-        while not self._stop.wait(0.005):
+        """Poll notifications (which also drives NIXL's progress) and expire leases.
+
+        While a lease is live a peer may be reading, and without NIXL's progress thread a
+        transport that needs the target's help (UCX over TCP) only moves when this polls: poll
+        every ``BUSY_POLL_S`` then, every ``IDLE_POLL_S`` otherwise.
+        """
+        while not self._stop.wait(BUSY_POLL_S if self._leases else IDLE_POLL_S):
             try:
                 notifs = self.agent.nixl.get_new_notifs()
             except Exception as exc:

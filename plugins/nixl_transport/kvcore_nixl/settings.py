@@ -35,6 +35,10 @@ class NixlSettings(PluginSettings):
         "127.0.0.1:5600", description="host:port of the metadata side channel when serving."
     )
     backend: str = Field("UCX", description="NIXL backend for transfers.")
+    progress_thread: bool = Field(
+        False, description="Run NIXL's own progress thread (it busy-polls a core); kvcore "
+        "polls progress itself when this is off.",
+    )
     timeout_s: float = Field(
         4.0, gt=0, description="Longest wait for one peer request or transfer."
     )
@@ -43,6 +47,10 @@ class NixlSettings(PluginSettings):
     )
     retry_s: float = Field(
         2.0, ge=0, description="After a peer fails, skip it for this many seconds."
+    )
+    store_wait_s: float = Field(
+        1.0, ge=0, description="Server side: how long a lease waits for this instance's stores "
+        "of the asked chunks still running (keep below the peers' KVCORE_NIXL_TIMEOUT_S).",
     )
     lease_timeout_s: float = Field(
         30.0, gt=0, description="Server side: release chunks a peer never confirmed after this."

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from kvcore.config import load_settings
 from kvcore.interfaces import Buffer, Tier, TierContext, TierUsage
 from kvcore.keys import ChunkKey
+from kvcore.pending import PendingStores
 from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl.agent import Agent, shared_agent
 from kvcore_nixl.client import PeerClient, PeerError
@@ -32,13 +33,14 @@ class NixlPeerTier(Tier):
     framed = False  # bytes come straight from a peer's memory tier, which holds raw payloads
 
     def __init__(
-        self, settings: NixlSettings, cpu: CpuTier | None = None, agent: Agent | None = None
+        self, settings: NixlSettings, cpu: CpuTier | None = None, agent: Agent | None = None,
+        pending: PendingStores | None = None,
     ) -> None:
         self.settings = settings
         self._agent = agent
         self.server: ChunkServer | None = None
         if settings.serve and cpu is not None:
-            self.server = start_server(cpu, settings, self.agent)
+            self.server = start_server(cpu, settings, self.agent, pending)
         elif settings.serve:
             log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no CPU tier was given; not serving")
         self.clients = [
@@ -50,7 +52,7 @@ class NixlPeerTier(Tier):
     @property
     def agent(self) -> Agent:
         if self._agent is None:
-            self._agent = shared_agent(self.settings.backend)
+            self._agent = shared_agent(self.settings.backend, self.settings.progress_thread)
         return self._agent
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
@@ -98,7 +100,8 @@ class NixlPeerTier(Tier):
 
 
 def start_server(
-    cpu: CpuTier, settings: NixlSettings | None = None, agent: Agent | None = None
+    cpu: CpuTier, settings: NixlSettings | None = None, agent: Agent | None = None,
+    pending: PendingStores | None = None,
 ) -> ChunkServer | None:
     """Serve ``cpu`` to peers on ``settings.listen``; ``None`` (logged) if that fails.
 
@@ -106,13 +109,21 @@ def start_server(
     """
     settings = settings or load_settings(NixlSettings)
     try:
-        return ChunkServer(cpu, agent or shared_agent(settings.backend), settings.listen,
-                           settings.lease_timeout_s)
+        agent = agent or shared_agent(settings.backend, settings.progress_thread)
+        return ChunkServer(cpu, agent, settings.listen, settings.lease_timeout_s, pending,
+                           settings.store_wait_s)
     except Exception as exc:
         log.warning("kvcore nixl: cannot serve on %s: %s", settings.listen, exc)
         return None
 
 
 def make_peer_tier(context: TierContext) -> NixlPeerTier:
+    """The tier for an engine; it serves the engine's CPU tier only where the engine allows
+    (``CacheEngine(serve_cpu=False)`` in a lookup-only process never binds the listen port)."""
+    settings = load_settings(NixlSettings)
+    if settings.serve and not context.extra.get("serve_cpu", True):
+        settings = settings.model_copy(update={"serve": False})
     cpu = context.extra.get("cpu")
-    return NixlPeerTier(load_settings(NixlSettings), cpu if isinstance(cpu, CpuTier) else None)
+    pending = context.extra.get("pending")
+    return NixlPeerTier(settings, cpu if isinstance(cpu, CpuTier) else None,
+                        pending=pending if isinstance(pending, PendingStores) else None)

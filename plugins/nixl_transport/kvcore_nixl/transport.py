@@ -27,7 +27,7 @@ class NixlTransport(Transport):
 
     def __init__(self, settings: NixlSettings | None = None, agent: Agent | None = None) -> None:
         self.settings = settings or load_settings(NixlSettings)
-        self.agent = agent or shared_agent(self.settings.backend)
+        self.agent = agent or shared_agent(self.settings.backend, self.settings.progress_thread)
         self.server: ChunkServer | None = None
         self._clients: dict[str, PeerClient] = {}
 

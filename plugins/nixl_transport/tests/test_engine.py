@@ -63,6 +63,31 @@ def test_decode_engine_loads_what_prefill_engine_stored(
         engine.close()
 
 
+def test_decode_asking_while_prefill_still_stores_loads_everything(
+    peer_factory: Any, monkeypatch: Any
+) -> None:
+    """The producer's store takes 3 s and is still running when we look up and load: its
+    server counts the pending chunks as held and its lease waits for them to be committed."""
+    producer = peer_factory(str(HERE / "_producer.py"), "4", str(CHUNK), "--slow-store", "3",
+                            env={"KVCORE_NIXL_SERVE": "1", "KVCORE_NIXL_LISTEN": "127.0.0.1:0",
+                                 "KVCORE_NIXL_STORE_WAIT_S": "8"})
+    monkeypatch.setenv("KVCORE_NIXL_PEERS", producer.address)
+    monkeypatch.setenv("KVCORE_NIXL_TIMEOUT_S", "10")
+    engine = CacheEngine(load_settings(tiers=["cpu", "nixl_peer"], chunk_size=16,
+                                       tier_timeout_s=12.0))
+    try:
+        client = engine.lower[0].tier.clients[0]
+        assert client.stats()["storing"] == 4  # the store is still running
+        keys = engine.keys_for(Namespace("pd-test"), list(range(4 * 16 + 1)))
+        assert engine.lookup(keys, prefetch=False).chunks == 4
+        with engine.acquire(keys) as lease:
+            assert len(lease) == 4
+            for key, array in zip(keys, lease.arrays()):
+                assert np.array_equal(array, chunk_payload(key, CHUNK))
+    finally:
+        engine.close()
+
+
 def test_peer_killed_mid_transfer_engine_recomputes(peer_factory: Any, monkeypatch: Any) -> None:
     dying = peer_factory(str(HERE / "_dying_peer.py"), "--chunks", "16",
                          "--chunk-bytes", str(1 << 20))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -122,3 +123,26 @@ def test_transport_fetch(peer: Peer) -> None:
         assert transport.address() == ""
     finally:
         transport.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_server_does_not_spin_a_core(peer: Peer, agent: Agent) -> None:
+    """NIXL's own progress thread busy-polls a core; kvcore's default agent runs without it.
+
+    Inside a vLLM CPU worker (threads pinned to the engine's cores) that spinning thread starved
+    the engine. A served peer that just answered a read must use a small fraction of a core
+    while idle (NIXL's thread alone takes about half of one here).
+    """
+    client = PeerClient(peer.address, agent)
+    try:
+        assert all(v is not None for v in client.read(peer_keys(2)))
+        wait_for(lambda: idle(client), "lease released")
+        before = _cpu_seconds(peer.proc.pid)
+        time.sleep(2.0)
+        assert _cpu_seconds(peer.proc.pid) - before < 0.5  # of 2.0 s: at most a quarter core
+    finally:
+        client.close()

@@ -91,7 +91,9 @@ class KVCoreConnector(KVConnectorBase_V1):
         layer_names, spec = kv_geometry(kv_cache_config)
         block_size = int(spec.block_size)
         blocks_per_chunk = check_chunk_size(settings.chunk_size, block_size)
-        self.engine = acquire_engine(settings)
+        scheduler_only = (role == KVConnectorRole.SCHEDULER
+                          and not _workers_in_scheduler_process(vllm_config))
+        self.engine = acquire_engine(settings, serve_cpu=not scheduler_only)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -102,7 +104,7 @@ class KVCoreConnector(KVConnectorBase_V1):
             # With TP/PP > 1 the workers run in other processes: look up rank 0's chunks (in
             # shared lower tiers only; no prefetch into this process's memory); a rank that
             # lacks its shard reports load errors and vLLM recomputes (docs/vllm.md).
-            shared = _workers_in_scheduler_process(vllm_config)
+            shared = not scheduler_only
             if not shared:
                 log.info("kvcore: vLLM's workers run in other processes than its scheduler: "
                          "lookups use a mirror of the worker's CPU-tier keys (sent back each "
