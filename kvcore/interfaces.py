@@ -57,6 +57,17 @@ class Tier(ABC):
     name: str = "tier"
     framed: bool = True
     """True when the engine should frame values (every tier except in-process memory)."""
+    _notify: "Callable[[str, str, list[ChunkKey]], None] | None" = None
+    """Observer from :attr:`TierContext.notify`; a tier that sets it reports through
+    :meth:`_emit`."""
+
+    def _emit(self, kind: str, keys: list[ChunkKey]) -> None:
+        """Report ``"admit"`` or ``"evict"`` of ``keys``; an observer's failure is ignored."""
+        if keys and self._notify is not None:
+            try:
+                self._notify(self.name, kind, keys)
+            except Exception:
+                pass
 
     @abstractmethod
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:

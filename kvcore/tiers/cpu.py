@@ -249,13 +249,6 @@ class CpuTier(Tier):
         self.policy.remove(key)
         self.evictions += 1
 
-    def _emit(self, kind: str, keys: list[ChunkKey]) -> None:
-        if keys and self._notify is not None:
-            try:
-                self._notify(self.name, kind, keys)
-            except Exception:
-                pass
-
 
 def make_cpu_tier(context: TierContext) -> CpuTier:
     return CpuTier(context.settings.cpu_size, context.make_policy(), context.notify)

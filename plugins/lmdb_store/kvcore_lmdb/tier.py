@@ -479,13 +479,6 @@ class LmdbTier(Tier):
             self._logged.add(kind)
             log.warning("kvcore-lmdb %s: %s", what, message)
 
-    def _emit(self, kind: str, keys: list[ChunkKey]) -> None:
-        if keys and self._notify is not None:
-            try:
-                self._notify(self.name, kind, keys)
-            except Exception:
-                pass
-
 
 def _frame_matches(key: ChunkKey, value: Buffer) -> bool:
     """Whether a value's frame header names ``key`` and its length (cheap; no checksum)."""
