@@ -197,6 +197,22 @@ class Settings(_KVCoreSettingsBase):
         5.0, gt=0, description="Longest wait for one tier operation before it counts as a miss."
     )
     log_level: str = Field("WARNING", description="Log level of the kvcore logger.")
+    verify_sample: float = Field(
+        0.01, ge=0.0, le=1.0, allow_inf_nan=False,
+        description=(
+            "Fraction of requests that would hit which an engine connector recomputes instead, "
+            "comparing the fresh KV with the stored chunks (a mismatch deletes the chunk); "
+            "0 turns verification off."
+        ),
+    )
+    verify_tolerance: float = Field(
+        0.0625, ge=0.0, allow_inf_nan=False,
+        description=(
+            "Verification: largest difference between a stored and a recomputed KV element, "
+            "relative to the element's magnitude (at least 1), that still counts as equal; "
+            "0 demands identical bytes."
+        ),
+    )
 
     @field_validator("tiers")
     @classmethod

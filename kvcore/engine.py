@@ -76,6 +76,8 @@ class LookupResult:
     chunks: int
     chunk_size: int
     by_tier: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    """For each of the leading ``chunks``, the name of the first tier that holds it."""
 
     @property
     def tokens(self) -> int:
@@ -313,6 +315,7 @@ class CacheEngine:
             self._start_prefetch([keys[i] for i in below],
                                  {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.chunks = n
+        result.sources = [s for s in source[:n] if s is not None]
         self.metrics.inc("lookups_total")
         self.metrics.inc("hit_tokens_total", n * self.chunk_size)
         self.metrics.inc("miss_tokens_total", (len(keys) - n) * self.chunk_size)

@@ -12,6 +12,7 @@ kill the engine, so a failure becomes a miss (lookup), a recompute (load) or a d
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcore.config import Settings, load_settings
+from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.engine import CacheEngine
 from kvcore_vllm.metadata import KVCoreMetadata
 from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
@@ -97,10 +98,9 @@ class KVCoreConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            if (self.plugin_settings.load_failure_policy == "recompute"
-                    and transfer.kv_load_failure_policy != "recompute"):
+            if self.plugin_settings.load_failure_policy == "recompute":
                 # kvcore is a cache: a chunk that fails to load is recomputed, never an error.
-                transfer.kv_load_failure_policy = "recompute"
+                _require_recompute_policy(transfer)
             # With TP/PP > 1 the workers run in other processes: look up rank 0's chunks (in
             # shared lower tiers only; no prefetch into this process's memory); a rank that
             # lacks its shard reports load errors and vLLM recomputes (docs/vllm.md).
@@ -111,7 +111,8 @@ class KVCoreConnector(KVConnectorBase_V1):
                          "step) and the shared lower tiers")
             self.scheduler = SchedulerSide(self.engine, engine_namespace(
                 vllm_config, kv_cache_config, rank=0), block_size, blocks_per_chunk,
-                worker_in_process=shared)
+                worker_in_process=shared, async_loads=self.plugin_settings.async_loads,
+                verify_sample=settings.verify_sample)
         else:
             rank = _worker_rank(vllm_config)
             self.worker = WorkerSide(
@@ -119,7 +120,8 @@ class KVCoreConnector(KVConnectorBase_V1):
                 block_size, blocks_per_chunk, layer_names,
                 layerwise=self.plugin_settings.layerwise,
                 load_timeout_s=self.plugin_settings.load_timeout_s,
-                store_timeout_s=self.plugin_settings.store_timeout_s)
+                store_timeout_s=self.plugin_settings.store_timeout_s,
+                verify_tolerance=settings.verify_tolerance)
             _report_to_controller(self.engine)
 
     @contextmanager
@@ -166,7 +168,8 @@ class KVCoreConnector(KVConnectorBase_V1):
                 self.worker.start_load(meta)
         except Exception as exc:
             for spec in meta.loads:
-                self.worker._fail(spec.block_ids)
+                if not spec.is_async:
+                    self.worker._fail(spec.block_ids)
             self.worker._warn_once("load", exc)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -197,11 +200,11 @@ class KVCoreConnector(KVConnectorBase_V1):
             return None, None
         try:
             with self._timed("get_finished"):
-                done = self.worker.get_finished(finished_req_ids)
+                sending, received = self.worker.get_finished(finished_req_ids)
         except Exception as exc:
             self.worker._warn_once("get_finished", exc)
-            done = set()
-        return (done or None), None
+            sending, received = set(), set()
+        return (sending or None), (received or None)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self.worker is None:
@@ -250,7 +253,7 @@ class KVCoreConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.scheduler is not None
         with self._timed("get_num_new_matched_tokens"):
-            return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+            return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -270,6 +273,48 @@ class KVCoreConnector(KVConnectorBase_V1):
         except Exception as exc:
             self.scheduler._warn_once("request_finished", exc)
             return False, None
+
+
+def _require_recompute_policy(transfer: Any) -> None:
+    """Make vLLM recompute blocks whose load failed (``kv_load_failure_policy=recompute``).
+
+    vLLM's scheduler reads the policy from the engine's top-level transfer config after it
+    built the connector. Inside vLLM's MultiConnector this connector gets a copy of that
+    config: the policy is then set on the MultiConnector's own config (found as the instance
+    that is constructing this one). If neither can be set, kvcore refuses to start: a failed
+    load would otherwise end the request with an error.
+    """
+    transfer.kv_load_failure_policy = "recompute"
+    parent = _constructing_multi_connector()
+    if parent is None:
+        return
+    top = getattr(getattr(parent, "_vllm_config", None), "kv_transfer_config", None)
+    if top is None:
+        raise ConfigError(
+            "kvcore inside vLLM's MultiConnector cannot set kv_load_failure_policy: set "
+            "\"kv_load_failure_policy\": \"recompute\" in the top-level --kv-transfer-config "
+            "(or KVCORE_VLLM_LOAD_FAILURE_POLICY=fail to accept failed requests)")
+    if top.kv_load_failure_policy != "recompute":
+        log.info("kvcore: inside MultiConnector: setting its kv_load_failure_policy to "
+                 "recompute (a chunk that fails to load is recomputed)")
+        top.kv_load_failure_policy = "recompute"
+
+
+def _constructing_multi_connector() -> Any:
+    """The vLLM MultiConnector whose ``__init__`` is building this connector, if any."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
+    except Exception:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, MultiConnector):
+            return candidate
+    return None
 
 
 def _report_to_controller(engine: CacheEngine) -> None:

@@ -5,11 +5,24 @@ request's tenant), how many leading chunks kvcore holds, the load vLLM agreed to
 chunks were already handed to the worker for storing. Every step it turns that into a
 :class:`~kvcore_vllm.metadata.KVCoreMetadata`. Nothing here raises into vLLM: a failing lookup
 is a miss.
+
+Correctness rules kept here (see docs/vllm.md, "A hit never changes the output"):
+
+- loads are block-granular: a prompt of whole chunks loads all but its last block;
+- a chunk is stored only from KV computed over a fully loaded context: when the worker reports
+  a store dropped or a load failed (``KVCoreWorkerMeta.unstored``), the request's stored-chunk
+  count is rewound and the chunks are stored again once vLLM has recomputed them;
+- a preempted request stores its chunks again after it resumes;
+- chunks that are not in the worker's memory tier are loaded asynchronously (the request waits
+  in WAITING_FOR_REMOTE_KVS while the batch runs);
+- a sampled fraction of would-be hits (``KVCORE_VERIFY_SAMPLE``) is recomputed and compared
+  with the stored chunks instead of loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,27 +39,40 @@ class _Tracked:
 
     request: Any
     keys: list[ChunkKey]
-    hit_chunks: int = 0
-    """Leading chunks kvcore held at the last lookup (capped so one token is left to compute)."""
+    hit_tokens: int = 0
+    """Leading tokens kvcore can provide at the last lookup (block-aligned, one token left)."""
+    hit_async: bool = False
+    """The last lookup found chunks outside the worker's memory tier: load them in the
+    background."""
     load_range: tuple[int, int] | None = None
     """Tokens [start, end) vLLM agreed to load, not yet sent to the worker."""
     stored_chunks: int = 0
     """Leading chunks already in kvcore or handed to the worker for storing."""
     stores_issued: bool = False
     tenant: str = ""
+    verify_chunks: int = 0
+    """Leading chunks kvcore held when this request was sampled for verification: vLLM
+    recomputes them and the worker compares (0: not sampled)."""
+    sampled: bool = False
+    """The verification draw was made (once per request)."""
 
 
 class SchedulerSide:
     """Lookup and step planning; see the module docstring."""
 
     def __init__(self, engine: CacheEngine, namespace: Namespace, block_size: int,
-                 blocks_per_chunk: int, worker_in_process: bool = True) -> None:
+                 blocks_per_chunk: int, worker_in_process: bool = True,
+                 async_loads: bool = True, verify_sample: float = 0.0,
+                 rng: random.Random | None = None) -> None:
         self.engine = engine
         self.worker_in_process = worker_in_process
         self.namespace = namespace
         self.block_size = block_size
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_size = engine.chunk_size
+        self.async_loads = async_loads
+        self.verify_sample = verify_sample
+        self._rng = rng or random.Random()
         self.kv_cache_manager: Any = None
         self.worker_chunks: set[ChunkKey] = set()
         """Mirror of the worker's CPU-tier keys when it runs in another process."""
@@ -83,36 +109,63 @@ class SchedulerSide:
         except Exception as exc:
             self._warn_once("hashing a prompt", exc)
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
-        """Tokens beyond ``num_computed_tokens`` (vLLM's own hit) that kvcore can load."""
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` (vLLM's own hit) that kvcore can load, and
+        whether they load asynchronously."""
         try:
             tracked = self._track(request)
             tracked.load_range = None
-            # vLLM must compute at least one token of the request itself.
-            usable = min(len(tracked.keys), max(0, request.num_tokens - 1) // self.chunk_size)
+            tracked.hit_tokens, tracked.hit_async = 0, False
+            # vLLM computes at least one token itself: load whole blocks up to the block that
+            # holds the last prompt token, like vLLM's own prefix cache.
+            limit = (max(0, request.num_tokens - 1) // self.block_size) * self.block_size
+            usable = min(len(tracked.keys), -(-limit // self.chunk_size))
             if usable == 0:
-                tracked.hit_chunks = 0
-                return 0
-            chunks = self._lookup(tracked.keys[:usable])
-            tracked.hit_chunks = chunks
+                return 0, False
+            chunks, in_memory = self._lookup(tracked.keys[:usable])
+            if chunks and self._sample_for_verification(tracked, chunks):
+                return 0, False
             tracked.stored_chunks = max(tracked.stored_chunks, chunks)
-            hit_tokens = chunks * self.chunk_size
-            return max(0, hit_tokens - num_computed_tokens)
+            hit = min(chunks * self.chunk_size, limit)
+            if hit <= num_computed_tokens:
+                return 0, False
+            tracked.hit_tokens = hit
+            # Asynchronous when some of the tokens to load are outside the worker's memory.
+            tracked.hit_async = self.async_loads and hit > in_memory * self.chunk_size
+            return hit - num_computed_tokens, tracked.hit_async
         except Exception as exc:
             self._warn_once("lookup", exc)
-            return 0
+            return 0, False
 
-    def _lookup(self, keys: list[ChunkKey]) -> int:
-        """Leading chunks available: in this process's engine, or (worker elsewhere) in the
-        mirror of the worker's CPU tier followed by this engine's shared lower tiers."""
+    def _sample_for_verification(self, tracked: _Tracked, chunks: int) -> bool:
+        """Draw once per request; a sampled request recomputes ``chunks`` for verification."""
+        if tracked.sampled:
+            return tracked.verify_chunks > 0
+        tracked.sampled = True
+        if self.verify_sample <= 0 or self._rng.random() >= self.verify_sample:
+            return False
+        tracked.verify_chunks = chunks
+        self.engine.metrics.inc("verify_sampled_total")
+        return True
+
+    def _lookup(self, keys: list[ChunkKey]) -> tuple[int, int]:
+        """Leading chunks available, and how many of those are in the worker's memory tier:
+        in this process's engine, or (worker elsewhere) in the mirror of the worker's CPU tier
+        followed by this engine's shared lower tiers."""
         if self.worker_in_process:  # the worker shares this process and its engine
-            return self.engine.lookup(keys).chunks
+            found = self.engine.lookup(keys)
+            cpu = self.engine.cpu.name
+            in_memory = 0
+            while in_memory < found.chunks and found.sources[in_memory] == cpu:
+                in_memory += 1
+            return found.chunks, in_memory
         n = 0
         while n < len(keys) and keys[n] in self.worker_chunks:
             n += 1
+        in_memory = n
         if n < len(keys) and self.engine.lower:
             n += self.engine.lookup(keys[n:], prefetch=False).chunks
-        return n
+        return n, in_memory
 
     def apply_worker_meta(self, meta: Any) -> None:
         for admitted, keys in getattr(meta, "events", ()):
@@ -120,12 +173,17 @@ class SchedulerSide:
                 self.worker_chunks.update(keys)
             else:
                 self.worker_chunks.difference_update(keys)
+        for req_id, chunk in getattr(meta, "unstored", {}).items():
+            tracked = self._requests.get(req_id)
+            if tracked is not None and chunk < tracked.stored_chunks:
+                tracked.stored_chunks = chunk
+                self.engine.metrics.inc("vllm_stores_rewound_total")
 
     def update_state_after_alloc(self, request: Any, num_external_tokens: int) -> None:
         tracked = self._requests.get(request.request_id)
         if tracked is None or num_external_tokens <= 0:
             return
-        end = tracked.hit_chunks * self.chunk_size
+        end = tracked.hit_tokens
         tracked.load_range = (end - num_external_tokens, end)
 
     def build_meta(self, scheduler_output: Any) -> KVCoreMetadata:
@@ -134,67 +192,88 @@ class SchedulerSide:
         for req_id in meta.preempted:
             tracked = self._requests.get(req_id)
             if tracked is not None:
+                # The worker cancels the request's pending stores: redo them after it resumes
+                # (the engine skips chunks that did land).
                 tracked.load_range = None
+                tracked.stored_chunks = 0
+        for req_id, tracked in self._requests.items():
+            if tracked.load_range is None:
+                continue
+            promised, tracked.load_range = tracked.load_range, None
+            try:
+                meta.loads.append(self._load_spec(tracked, req_id, promised))
+            except Exception as exc:
+                self._warn_once("planning a load", exc)
+                self._fail_promise(meta, req_id, promised, tracked.hit_async)
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             tracked = self._requests.get(req_id)
             if tracked is None:
                 continue
-            promised = tracked.load_range
-            loads = len(meta.loads)
             try:
-                self._plan(meta, tracked, req_id, scheduled)
+                self._plan_stores(meta, tracked, req_id, scheduled)
             except Exception as exc:
-                tracked.load_range = None
-                self._warn_once("planning a step", exc)
-                if promised is not None and len(meta.loads) == loads:
-                    self._fail_promise(meta, req_id, promised)
+                self._warn_once("planning a store", exc)
         self._skip_zeroing(scheduler_output, meta)
         return meta
 
-    def _fail_promise(self, meta: KVCoreMetadata, req_id: str, promised: tuple[int, int]) -> None:
+    def _fail_promise(self, meta: KVCoreMetadata, req_id: str, promised: tuple[int, int],
+                      is_async: bool) -> None:
         """vLLM counts the promised tokens as computed: have the worker report them failed."""
         try:
             block_ids = self._block_ids(req_id)
-            first, last = promised[0] // self.block_size, promised[1] // self.block_size
-            meta.loads.append(LoadSpec(req_id, [], block_ids[first:last]))
+            first = promised[0] // self.block_size
+            last = -(-promised[1] // self.block_size)
+            meta.loads.append(LoadSpec(req_id, [], block_ids[first:last], is_async=is_async))
         except Exception as exc:
             log.error("kvcore: cannot report a failed load of request %s (%s)", req_id, exc)
 
     @staticmethod
     def _skip_zeroing(scheduler_output: Any, meta: KVCoreMetadata) -> None:
-        """Blocks this step loads are overwritten whole: vLLM need not zero them first (the
-        one change to the scheduler output a synchronous loading connector may make). The
-        worker zeroes the blocks of a load that fails instead."""
+        """Blocks this step loads synchronously are overwritten whole: vLLM need not zero them
+        first (the one change to the scheduler output a synchronous loading connector may
+        make). The worker zeroes the blocks of a load that fails instead."""
         to_zero = getattr(scheduler_output, "new_block_ids_to_zero", None)
         if not to_zero or not meta.loads:
             return
-        loaded = {b for spec in meta.loads for b in spec.block_ids}
+        loaded = {b for spec in meta.loads if not spec.is_async for b in spec.block_ids}
         scheduler_output.new_block_ids_to_zero = [b for b in to_zero if b not in loaded] or None
 
-    def _plan(self, meta: KVCoreMetadata, tracked: _Tracked, req_id: str, scheduled: int) -> None:
+    def _load_spec(self, tracked: _Tracked, req_id: str, promised: tuple[int, int]) -> LoadSpec:
+        """The blocks of tokens ``promised`` and the chunks that hold them."""
+        start, end = promised
+        bs, k, chunk = self.block_size, self.blocks_per_chunk, self.chunk_size
+        block_ids = self._block_ids(req_id)
+        first, last = start // chunk, -(-end // chunk)
+        skip = (start - first * chunk) // bs
+        blocks = block_ids[start // bs:end // bs]
+        if len(blocks) != (end - start) // bs:
+            raise RuntimeError(f"request {req_id} has {len(block_ids)} blocks, "
+                               f"needs {end // bs}")
+        return LoadSpec(req_id, tracked.keys[first:last], blocks, skip, tracked.tenant,
+                        is_async=tracked.hit_async, first_chunk=first)
+
+    def _plan_stores(self, meta: KVCoreMetadata, tracked: _Tracked, req_id: str,
+                     scheduled: int) -> None:
+        """After this step vLLM holds KV for num_computed_tokens + scheduled tokens: store the
+        prompt chunks that became complete (whole chunks, prompt tokens only). Chunks sampled
+        for verification are compared instead of stored."""
         k, chunk = self.blocks_per_chunk, self.chunk_size
-        block_ids: list[int] | None = None
-        if tracked.load_range is not None:
-            start, end = tracked.load_range
-            tracked.load_range = None
-            block_ids = self._block_ids(req_id)
-            first = start // chunk
-            skip = (start - first * chunk) // self.block_size
-            blocks = block_ids[first * k + skip:(end // chunk) * k]
-            meta.loads.append(LoadSpec(req_id, tracked.keys[first:end // chunk], blocks, skip,
-                                        tracked.tenant))
-        # After this step vLLM holds KV for num_computed_tokens + scheduled tokens: store the
-        # prompt chunks that became complete (only whole chunks, only prompt tokens).
         computed = tracked.request.num_computed_tokens + scheduled
         full = min(len(tracked.keys), computed // chunk)
-        if full > tracked.stored_chunks:
-            block_ids = block_ids if block_ids is not None else self._block_ids(req_id)
-            if len(block_ids) >= full * k:
-                first = tracked.stored_chunks
-                meta.stores.append(StoreSpec(req_id, tracked.keys[first:full],
-                                             block_ids[first * k:full * k], tracked.tenant))
-                tracked.stored_chunks = full
-                tracked.stores_issued = True
+        if full <= tracked.stored_chunks:
+            return
+        block_ids = self._block_ids(req_id)
+        if len(block_ids) < full * k:
+            return
+        first = tracked.stored_chunks
+        split = min(max(first, tracked.verify_chunks), full)
+        for lo, hi, verify in ((first, split, True), (split, full, False)):
+            if hi > lo:
+                meta.stores.append(StoreSpec(
+                    req_id, tracked.keys[lo:hi], block_ids[lo * k:hi * k], tracked.tenant,
+                    context_block_ids=block_ids[:lo * k], first_chunk=lo, verify_only=verify))
+        tracked.stored_chunks = full
+        tracked.stores_issued = True
 
     def request_finished(self, request: Any) -> bool:
         """True when the worker may still be copying this request's blocks (free them later)."""

@@ -28,6 +28,11 @@ class VllmSettings(PluginSettings):
     store_timeout_s: float = Field(
         30.0, gt=0,
         description="Longest time a finished request's blocks wait for its background store.")
+    async_loads: bool = Field(
+        True,
+        description="Load chunks that are not in the worker's memory tier (disk, Redis, a "
+                    "peer) in the background while the batch runs; the request waits in "
+                    "vLLM's WAITING_FOR_REMOTE_KVS. False loads them within the step.")
     load_failure_policy: Literal["recompute", "fail"] = Field(
         "recompute",
         description="What vLLM does with a request whose promised KV failed to load "

@@ -4,10 +4,16 @@
   request's blocks in one batched copy per request, or layer by layer in a background thread
   (``KVCORE_VLLM_LAYERWISE``) so layer i+1 loads while layer i computes. A chunk that is missing,
   late or has the wrong size turns its blocks into load errors (vLLM recomputes them).
+  Loads marked asynchronous run in a background thread while the batch computes; the request
+  is reported received by ``get_finished`` (failed blocks no later than that).
 - **Store** (``submit_stores``): hand kvcore a :class:`BlockSource`; kvcore's store thread
   reserves CPU buffers and gathers all the blocks in one call, off the critical path. A finished
   request's blocks stay allocated until its stores are done (reported by ``get_finished``); a
-  preempted request's pending stores are cancelled before vLLM reuses its blocks.
+  preempted request's pending stores are cancelled before vLLM reuses its blocks. A store whose
+  blocks or context blocks failed to load this step is dropped (its KV was computed over a
+  wrong context) and reported back, so the scheduler stores it after vLLM recomputed it.
+- **Verify** (``verify_only`` stores): the KV vLLM recomputed for a sampled hit is compared
+  with kvcore's copy (:mod:`kvcore_vllm.verify`); a mismatching chunk is replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 from kvcore.engine import CacheEngine, StoreHandle
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace
 from kvcore_vllm.copyops import KVLayout, gather, layout_for, scatter
-from kvcore_vllm.metadata import KVCoreMetadata, KVCoreWorkerMeta, LoadSpec
+from kvcore_vllm.metadata import KVCoreMetadata, KVCoreWorkerMeta, LoadSpec, StoreSpec
+from kvcore_vllm.verify import Verifier
 
 log = logging.getLogger("vllm.kvcore")
 
@@ -66,8 +73,15 @@ class _LayerwiseLoad:
         self.jobs = jobs
         self.events = [threading.Event() for _ in worker.layers]
         self.failed: set[int] = set()
+        self.failed_specs: list[LoadSpec] = []
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="kvcore-layerwise", daemon=True)
         self.thread.start()
+
+    def fail(self, spec: LoadSpec) -> None:
+        with self._lock:
+            self.failed.update(spec.block_ids)
+            self.failed_specs.append(spec)
 
     def _run(self) -> None:
         try:
@@ -76,7 +90,7 @@ class _LayerwiseLoad:
                     try:
                         self.worker._scatter(spec, lease.views[:n], layers=[layer])
                     except Exception as exc:
-                        self.failed.update(spec.block_ids)
+                        self.fail(spec)
                         self.worker._warn_once("layer-wise load", exc)
                 self.events[layer].set()
         finally:
@@ -91,7 +105,8 @@ class WorkerSide:
 
     def __init__(self, engine: CacheEngine, namespace: Namespace, block_size: int,
                  blocks_per_chunk: int, layer_names: list[str], layerwise: bool,
-                 load_timeout_s: float, store_timeout_s: float) -> None:
+                 load_timeout_s: float, store_timeout_s: float,
+                 verify_tolerance: float = 0.0) -> None:
         self.engine = engine
         self.namespace = namespace
         self._digests: dict[str, bytes] = {}
@@ -113,6 +128,13 @@ class WorkerSide:
         self._finished: dict[str, float] = {}
         self._layerwise: _LayerwiseLoad | None = None
         self._logged: set[str] = set()
+        self._unstored: dict[str, int] = {}
+        """Request -> first prompt chunk to store again (reported to the scheduler)."""
+        self._async_lock = threading.Lock()
+        self._async_done: list[tuple[str, list[int], int]] = []
+        """Finished background loads: (request, failed block ids, first failed chunk)."""
+        self._async_threads: list[threading.Thread] = []
+        self.verifier = Verifier(engine, verify_tolerance)
 
     def _fail(self, block_ids: Sequence[int]) -> None:
         """Blocks whose load failed: reported to vLLM (recompute) and zeroed, as vLLM would
@@ -166,63 +188,59 @@ class WorkerSide:
 
     # -- load ------------------------------------------------------------------------------------
 
+    def _chunk_blocks(self, spec: LoadSpec, n: int) -> list[tuple[int, int, list[int]]]:
+        """For the first ``n`` chunks of ``spec``: (chunk, first block, destination block ids).
+
+        The first chunk may start at ``skip_blocks`` (vLLM computed its head) and the last may
+        end early (the prompt's last block is computed)."""
+        k, skip, total = self.k, spec.skip_blocks, len(spec.block_ids)
+        out = []
+        for j in range(n):
+            lo = max(skip, j * k) - j * k
+            hi = min(skip + total, (j + 1) * k) - j * k
+            if hi > lo:
+                start = j * k + lo - skip
+                out.append((j, lo, spec.block_ids[start:start + hi - lo]))
+        return out
+
     def _scatter(self, spec: LoadSpec, views: Sequence[Any], layers: list[int] | None = None) -> None:
         """Copy leased chunk ``views`` into the spec's blocks (of ``layers``, default all)."""
         assert self.layout is not None
         k, bb = self.k, self.layout.block_bytes
         indices = layers if layers is not None else list(range(len(self.layers)))
-        skip, first = spec.skip_blocks, 0
-        if skip:  # first chunk partly computed by vLLM: copy only its remaining blocks
-            part = k - skip
+        whole = [(j, ids) for j, lo, ids in self._chunk_blocks(spec, len(views)) if len(ids) == k]
+        parts = [(j, lo, ids) for j, lo, ids in self._chunk_blocks(spec, len(views))
+                 if len(ids) < k]
+        if whole:
+            ids = [b for _, chunk_ids in whole for b in chunk_ids]
+            if layers is None:
+                scatter([views[j] for j, _ in whole], self.layers, self.layout, ids, k)
+            else:
+                for l in indices:
+                    srcs = [views[j][l * k * bb:(l + 1) * k * bb] for j, _ in whole]
+                    scatter(srcs, [self.layers[l]], self.layout, ids, k)
+        for j, lo, ids in parts:  # a chunk loaded in part: its blocks, layer by layer
             for l in indices:
-                src = views[0][(l * k + skip) * bb:(l + 1) * k * bb]
-                scatter([src], [self.layers[l]], self.layout, spec.block_ids[:part], part)
-            first, offset = 1, part
-        else:
-            offset = 0
-        rest = views[first:]
-        if not rest:
-            return
-        ids = spec.block_ids[offset:offset + len(rest) * k]
-        if layers is None:
-            scatter(rest, self.layers, self.layout, ids, k)
-        else:
-            for l in indices:
-                srcs = [v[l * k * bb:(l + 1) * k * bb] for v in rest]
-                scatter(srcs, [self.layers[l]], self.layout, ids, k)
+                src = views[j][(l * k + lo) * bb:(l * k + lo + len(ids)) * bb]
+                scatter([src], [self.layers[l]], self.layout, ids, len(ids))
 
     def _failed_blocks(self, spec: LoadSpec, loaded_chunks: int) -> list[int]:
         """Block ids of the spec from chunk ``loaded_chunks`` on."""
-        if loaded_chunks == 0:
-            return list(spec.block_ids)
-        return spec.block_ids[(self.k - spec.skip_blocks) + (loaded_chunks - 1) * self.k:]
+        done = sum(len(ids) for _, _, ids in self._chunk_blocks(spec, loaded_chunks))
+        return list(spec.block_ids[done:])
 
     def start_load(self, meta: KVCoreMetadata) -> None:
         jobs = []
+        background = [spec for spec in meta.loads if spec.is_async]
         for spec in meta.loads:
-            if not spec.keys:  # the scheduler could not plan this promised load
-                self._fail(spec.block_ids)
+            if spec.is_async:
                 continue
-            try:
-                keys = self.own_keys(spec.keys, spec.tenant)
-                lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s)
-            except Exception as exc:
-                self._fail(spec.block_ids)
-                self._warn_once("acquiring chunks", exc)
-                continue
-            nbytes = self.chunk_nbytes()  # a chunk of another size is foreign: never copy it
-            n = next((i for i, v in enumerate(lease.views) if v.nbytes != nbytes), len(lease))
-            if n < len(spec.keys):
-                failed = self._failed_blocks(spec, n)
+            lease, n, failed, first_failed = self._lease(spec)
+            if failed:
                 self._fail(failed)
-                self.engine.metrics.inc("vllm_load_error_blocks_total", len(failed))
-                self._warn_once("loading chunks", RuntimeError(
-                    f"{len(spec.keys) - n} of {len(spec.keys)} promised chunks unavailable"))
-            if n == 0:
-                lease.close()
+                self._note_unstored(spec.req_id, first_failed)
+            if lease is None:
                 continue
-            loaded = (n * self.k - spec.skip_blocks) * self.block_size
-            self.engine.metrics.inc("vllm_loaded_tokens_total", loaded)
             if self.layerwise:
                 jobs.append((spec, lease, n))
                 continue
@@ -230,11 +248,65 @@ class WorkerSide:
                 self._scatter(spec, lease.views[:n])
             except Exception as exc:
                 self._fail(spec.block_ids)
+                self._note_unstored(spec.req_id, spec.first_chunk)
                 self._warn_once("scatter", exc)
             finally:
                 lease.close()
         if jobs:
             self._layerwise = _LayerwiseLoad(self, jobs)
+        if background:
+            thread = threading.Thread(target=self._load_in_background, args=(background,),
+                                      name="kvcore-async-load", daemon=True)
+            self._async_threads.append(thread)
+            thread.start()
+
+    def _lease(self, spec: LoadSpec) -> tuple[Any, int, list[int], int]:
+        """Hold the spec's chunks. Returns the lease (None when nothing loads), how many of its
+        chunks to copy, the blocks that cannot load (missing, late or of a foreign size) and
+        the first prompt chunk that did not load."""
+        if not spec.keys:  # the scheduler could not plan this promised load
+            return None, 0, list(spec.block_ids), spec.first_chunk
+        try:
+            keys = self.own_keys(spec.keys, spec.tenant)
+            lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s)
+        except Exception as exc:
+            self._warn_once("acquiring chunks", exc)
+            return None, 0, list(spec.block_ids), spec.first_chunk
+        nbytes = self.chunk_nbytes()  # a chunk of another size is foreign: never copy it
+        n = next((i for i, v in enumerate(lease.views) if v.nbytes != nbytes), len(lease))
+        failed: list[int] = []
+        if n < len(spec.keys):
+            failed = self._failed_blocks(spec, n)
+            self.engine.metrics.inc("vllm_load_error_blocks_total", len(failed))
+            self._warn_once("loading chunks", RuntimeError(
+                f"{len(spec.keys) - n} of {len(spec.keys)} promised chunks unavailable"))
+        if n == 0:
+            lease.close()
+            return None, 0, failed, spec.first_chunk
+        loaded = sum(len(ids) for _, _, ids in self._chunk_blocks(spec, n)) * self.block_size
+        self.engine.metrics.inc("vllm_loaded_tokens_total", loaded)
+        return lease, n, failed, spec.first_chunk + n
+
+    def _load_in_background(self, specs: list[LoadSpec]) -> None:
+        """Asynchronous loads: lease and scatter; ``get_finished`` then reports each request
+        received, with its failed blocks (vLLM re-zeroes and recomputes those)."""
+        for spec in specs:
+            failed: list[int] = []
+            first_failed = 0
+            lease = None
+            try:
+                lease, n, failed, first_failed = self._lease(spec)
+                if lease is not None:
+                    self._scatter(spec, lease.views[:n])
+            except Exception as exc:
+                failed, first_failed = list(spec.block_ids), spec.first_chunk
+                self._warn_once("asynchronous load", exc)
+            finally:
+                if lease is not None:
+                    lease.close()
+            self.engine.metrics.inc("vllm_async_loads_total")
+            with self._async_lock:
+                self._async_done.append((spec.req_id, failed, first_failed))
 
     def wait_for_layer(self, layer_name: str) -> None:
         load = self._layerwise
@@ -243,7 +315,7 @@ class WorkerSide:
         index = self._layer_index.get(layer_name)
         if index is not None and not load.events[index].wait(self.load_timeout_s):
             for spec, _, _ in load.jobs:
-                load.failed.update(spec.block_ids)
+                load.fail(spec)
             self._warn_once("layer-wise load", TimeoutError(f"layer {layer_name} late"))
 
     def finish_layerwise(self) -> None:
@@ -252,10 +324,16 @@ class WorkerSide:
         if load is not None:
             load.thread.join()
             self._fail(sorted(load.failed))
+            for spec in load.failed_specs:
+                self._note_unstored(spec.req_id, spec.first_chunk)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def _note_unstored(self, req_id: str, chunk: int) -> None:
+        """Tell the scheduler that the request's chunks from ``chunk`` on are not stored."""
+        self._unstored[req_id] = min(chunk, self._unstored.get(req_id, chunk))
 
     # -- what the scheduler in another process needs to know ----------------------------------
 
@@ -274,11 +352,14 @@ class WorkerSide:
     def take_worker_meta(self) -> KVCoreWorkerMeta | None:
         with self._events_lock:
             events, self._events = self._events, []
-        return KVCoreWorkerMeta(events) if events else None
+        unstored, self._unstored = self._unstored, {}
+        return KVCoreWorkerMeta(events, unstored) if events or unstored else None
 
     # -- store -----------------------------------------------------------------------------------
 
     def submit_stores(self, meta: KVCoreMetadata) -> None:
+        """Store (or verify) the chunks this step completed, unless their KV was computed over
+        a block that failed to load in this step."""
         if not meta.stores:
             return
         assert self.layout is not None
@@ -286,16 +367,33 @@ class WorkerSide:
         if self.layers and self.layers[0].is_cuda:
             ready = torch.cuda.Event()
             ready.record()
+        failed = self._load_errors
         for spec in meta.stores:
-            source = BlockSource(self.layers, self.layout, spec.block_ids, self.k, ready)
             pending = self._pending.setdefault(spec.req_id, [])
+            if failed and self._computed_over_failed_blocks(spec, failed):
+                self._note_unstored(spec.req_id, spec.first_chunk)
+                self.engine.metrics.inc("vllm_stores_dropped_total", len(spec.keys))
+                continue
+            source = BlockSource(self.layers, self.layout, spec.block_ids, self.k, ready)
+            keys = self.own_keys(spec.keys, spec.tenant)
+            if spec.verify_only:
+                try:
+                    self.verifier.submit(keys, source, self.layers[0].dtype, spec.first_chunk)
+                except Exception as exc:
+                    self._warn_once("verification", exc)
+                continue
             try:
-                handle = self.engine.store(self.own_keys(spec.keys, spec.tenant), source)
+                handle = self.engine.store(keys, source)
             except Exception as exc:
                 self._warn_once("store", exc)
                 continue
             pending.append((handle, source))
             self.engine.metrics.inc("vllm_store_requests_total")
+
+    @staticmethod
+    def _computed_over_failed_blocks(spec: StoreSpec, failed: set[int]) -> bool:
+        return any(b in failed for b in spec.context_block_ids) or any(
+            b in failed for b in spec.block_ids)
 
     def cancel_stores(self, req_ids: set[str]) -> None:
         """Preempted requests: their blocks are about to be reused."""
@@ -308,8 +406,25 @@ class WorkerSide:
                     self.engine.metrics.inc("vllm_store_cancelled_total")
             self._pending[req_id] = []  # still reported as finished when the request ends
 
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
-        """Finished requests whose stores are done (their blocks can be freed now)."""
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """Finished requests whose stores are done (their blocks can be freed now), and
+        requests whose asynchronous loads completed (their failed blocks are reported by the
+        next :meth:`take_load_errors`, in the same step)."""
+        return self._finished_sending(finished_req_ids), self._finished_receiving()
+
+    def _finished_receiving(self) -> set[str]:
+        with self._async_lock:
+            done, self._async_done = self._async_done, []
+        self._async_threads = [t for t in self._async_threads if t.is_alive()]
+        received = set()
+        for req_id, failed, first_failed in done:
+            if failed:
+                self._load_errors.update(failed)  # vLLM re-zeroes and recomputes them
+                self._note_unstored(req_id, first_failed)
+            received.add(req_id)
+        return received
+
+    def _finished_sending(self, finished_req_ids: set[str]) -> set[str]:
         now = time.monotonic()
         for req_id in finished_req_ids:
             if req_id in self._pending:
@@ -331,5 +446,13 @@ class WorkerSide:
             self._pending.pop(req_id, None)
         return done
 
+    def wait_for_async_loads(self, timeout: float = 10.0) -> None:
+        """Wait for the background loads started so far (tests, benchmarks)."""
+        for thread in list(self._async_threads):
+            thread.join(timeout)
+
     def close(self) -> None:
         self.finish_layerwise()
+        for thread in self._async_threads:
+            thread.join(timeout=self.load_timeout_s)
+        self.verifier.close()

@@ -78,6 +78,9 @@ class Harness:
     worker_in_process: bool = True
     """False: the scheduler sees the worker only through its per-step metadata (as with vLLM's
     multiprocess executor); True: both share one engine (uniprocess executor)."""
+    wait_async: bool = True
+    """Each step waits for the background loads it started (deterministic tests); False lets
+    them finish whenever they do, as in a real engine."""
     scheduler: Scheduler = field(init=False)
     worker: KVCoreConnector = field(init=False)
     kv: dict[str, torch.Tensor] = field(init=False)
@@ -98,6 +101,7 @@ class Harness:
             structured_output_manager=StructuredOutputManager(self.config), block_size=bs)
         self.connector.scheduler.worker_in_process = self.worker_in_process
         self.sending_log: list[set[str]] = []
+        self.recving_log: list[set[str]] = []
         self.error_log: list[set[int]] = []
 
     @property
@@ -167,12 +171,18 @@ class Harness:
         for req_id, count in out.num_scheduled_tokens.items():
             self._forward(req_id, starts[req_id], count)
         self.worker.wait_for_save()
-        self.worker.engine.flush(10.0)  # deterministic tests: stores land before reporting
-        sending, _ = self.worker.get_finished(out.finished_req_ids)
+        # Deterministic tests: stores, background loads and verifications land before reporting.
+        self.worker.engine.flush(10.0)
+        if self.wait_async:
+            self.worker.worker.wait_for_async_loads(10.0)
+        self.worker.worker.verifier.flush(10.0)
+        self.worker.engine.flush(10.0)
+        sending, recving = self.worker.get_finished(out.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
         worker_meta = self.worker.build_connector_worker_meta()
         self.worker.clear_connector_metadata()
         self.sending_log.append(set(sending or ()))
+        self.recving_log.append(set(recving or ()))
         self.error_log.append(set(errors))
         req_ids = list(out.num_scheduled_tokens)
         output = ModelRunnerOutput(
@@ -180,6 +190,7 @@ class Harness:
             sampled_token_ids=[[1000 + i] for i in range(len(req_ids))], logprobs=None,
             prompt_logprobs_dict={}, pooler_output=None,
             kv_connector_output=KVConnectorOutput(finished_sending=sending,
+                                                  finished_recving=recving,
                                                   invalid_block_ids=errors,
                                                   kv_connector_worker_meta=worker_meta))
         self.scheduler.update_from_output(out, output)

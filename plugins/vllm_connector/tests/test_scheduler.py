@@ -87,15 +87,22 @@ def test_partial_local_hit_loads_only_the_rest(harness_factory) -> None:
     h.run_until_idle()
 
 
-def test_prompt_of_whole_chunks_leaves_one_token_to_compute(harness_factory) -> None:
+def test_prompt_of_whole_chunks_recomputes_one_block(harness_factory) -> None:
+    """Issue 15 (5): a prompt of exactly 3 chunks loads all but its last block (as vLLM's own
+    prefix cache does), not all but its last chunk."""
     h = harness_factory()
     tokens = prompt(3, seed=4, extra=0)
     h.request(tokens)
     h.run_until_idle()
     assert h.scheduler.reset_prefix_cache()
     again = h.request(tokens)
-    external, _ = h.connector.get_num_new_matched_tokens(again, 0)
-    assert external == 2 * CHUNK  # the last chunk would leave nothing to compute
+    external, is_async = h.connector.get_num_new_matched_tokens(again, 0)
+    assert (external, is_async) == (3 * CHUNK - BS, False)
+    h.step()
+    assert again.num_computed_tokens == 3 * CHUNK  # the last block computed this step
+    assert counter(h, "vllm_loaded_tokens_total") == 3 * CHUNK - BS
+    assert h.blocks_match(again, 3 * CHUNK)
+    assert not any(h.error_log)
     h.run_until_idle()
 
 
@@ -252,19 +259,17 @@ def test_planning_failure_after_promise_is_recomputed(harness_factory, monkeypat
     h.run_until_idle()
     assert h.scheduler.reset_prefix_cache()
     side = h.connector.scheduler
-    real_plan = side._plan
+    real_plan = side._load_spec
 
-    def broken_plan(meta, tracked, req_id, scheduled):
-        if tracked.load_range is not None:
-            raise RuntimeError("planning bug")
-        return real_plan(meta, tracked, req_id, scheduled)
+    def broken_plan(tracked, req_id, promised):
+        raise RuntimeError("planning bug")
 
-    monkeypatch.setattr(side, "_plan", broken_plan)
+    monkeypatch.setattr(side, "_load_spec", broken_plan)
     again = h.request(tokens)
     h.step()
     assert len(h.error_log[-1]) == 6  # all 3 promised chunks (6 blocks) reported failed
     assert again.num_computed_tokens == 0
-    monkeypatch.setattr(side, "_plan", real_plan)
+    monkeypatch.setattr(side, "_load_spec", real_plan)
     h.step()
     assert h.blocks_match(again, 3 * CHUNK)
     h.run_until_idle()
