@@ -19,6 +19,7 @@ import torch
 from vllm import SamplingParams
 from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig,
                          SchedulerConfig, VllmConfig)
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -40,6 +41,13 @@ init_none_hash(sha256)
 register_with_vllm()
 
 
+def _kvcore_of(connector: Any) -> KVCoreConnector:
+    """The KVCoreConnector itself, or the one inside vLLM's MultiConnector."""
+    if isinstance(connector, KVCoreConnector):
+        return connector
+    return next(c for c in connector._connectors if isinstance(c, KVCoreConnector))
+
+
 def write_model_config(directory: Path) -> Path:
     """Only config.json: enough for vLLM's ModelConfig (no weights are loaded here)."""
     from transformers import LlamaConfig
@@ -52,7 +60,18 @@ def write_model_config(directory: Path) -> Path:
 
 def make_vllm_config(model_dir: Path, block_size: int = 16, chunk_size: int = 32,
                      prefix_caching: bool = True, extra: dict[str, Any] | None = None,
-                     max_batched: int = 2048) -> VllmConfig:
+                     max_batched: int = 2048, multi: bool = False) -> VllmConfig:
+    """``multi``: kvcore as the child of vLLM's MultiConnector (as next to NixlConnector)."""
+    kvcore_extra = {"kvcore.chunk_size": chunk_size, **(extra or {})}
+    if multi:
+        transfer = KVTransferConfig(
+            kv_connector="MultiConnector", kv_role="kv_both",
+            kv_connector_extra_config={"connectors": [{
+                "kv_connector": "KVCoreConnector", "kv_role": "kv_both",
+                "kv_connector_extra_config": kvcore_extra}]})
+    else:
+        transfer = KVTransferConfig(kv_connector="KVCoreConnector", kv_role="kv_both",
+                                    kv_connector_extra_config=kvcore_extra)
     model_config = ModelConfig(model=str(model_dir), dtype="bfloat16", seed=0,
                                skip_tokenizer_init=True)
     return VllmConfig(
@@ -62,9 +81,7 @@ def make_vllm_config(model_dir: Path, block_size: int = 16, chunk_size: int = 32
             enable_chunked_prefill=True, is_encoder_decoder=False),
         cache_config=CacheConfig(block_size=block_size, gpu_memory_utilization=0.9,
                                  cache_dtype="auto", enable_prefix_caching=prefix_caching),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="KVCoreConnector", kv_role="kv_both",
-            kv_connector_extra_config={"kvcore.chunk_size": chunk_size, **(extra or {})}),
+        kv_transfer_config=transfer,
         device_config=DeviceConfig("cpu"),
     )
 
@@ -78,6 +95,8 @@ class Harness:
     worker_in_process: bool = True
     """False: the scheduler sees the worker only through its per-step metadata (as with vLLM's
     multiprocess executor); True: both share one engine (uniprocess executor)."""
+    flush_stores: bool = True
+    """Each step waits for kvcore's queued stores (deterministic tests)."""
     wait_async: bool = True
     """Each step waits for the background loads it started (deterministic tests); False lets
     them finish whenever they do, as in a real engine."""
@@ -92,16 +111,19 @@ class Harness:
         kv_cache_config = KVCacheConfig(num_blocks=self.num_blocks, kv_cache_tensors=[],
                                         kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
         self.config.cache_config.num_gpu_blocks = self.num_blocks
-        self.worker = KVCoreConnector(self.config, KVConnectorRole.WORKER, kv_cache_config)
+        self.worker = KVConnectorFactory.create_connector(
+            config=self.config, role=KVConnectorRole.WORKER, kv_cache_config=kv_cache_config)
         self.kv = {name: torch.zeros(self.num_blocks, HEADS, bs, 2 * HEAD, dtype=torch.bfloat16)
                    for name in LAYERS}
         self.worker.register_kv_caches(self.kv)
         self.scheduler = Scheduler(
             vllm_config=self.config, kv_cache_config=kv_cache_config, log_stats=True,
             structured_output_manager=StructuredOutputManager(self.config), block_size=bs)
-        self.connector.scheduler.worker_in_process = self.worker_in_process
+        self.connector_scheduler.worker_in_process = self.worker_in_process
         self.sending_log: list[set[str]] = []
         self.recving_log: list[set[str]] = []
+        self.forwarded: list[tuple[str, int, int, bool]] = []
+        """(request, first token, tokens, context was correct) of every fake forward."""
         self.error_log: list[set[int]] = []
 
     @property
@@ -110,7 +132,18 @@ class Harness:
 
     @property
     def connector(self) -> KVCoreConnector:
+        """The scheduler's connector (a KVCoreConnector, or vLLM's MultiConnector)."""
         return self.scheduler.connector  # type: ignore[return-value]
+
+    @property
+    def connector_scheduler(self) -> Any:
+        """kvcore's scheduler side, inside a MultiConnector too."""
+        return _kvcore_of(self.connector).scheduler
+
+    @property
+    def worker_side(self) -> Any:
+        """kvcore's worker side, inside a MultiConnector too."""
+        return _kvcore_of(self.worker).worker
 
     def request(self, tokens: list[int], max_tokens: int = 2, salt: str | None = None) -> Request:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -132,26 +165,55 @@ class Harness:
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(torch.bfloat16)
 
     def _forward(self, req_id: str, start: int, count: int) -> None:
+        """Write the blocks computed this step. Like a real model, the result depends on the
+        context: a block computed over a context block that does not hold what the model
+        would have written there (a failed or wrong load) comes out wrong as well."""
         req = self.scheduler.requests[req_id]
         tokens = list(req.all_token_ids)
         block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
         first, last = start // self.block_size, (start + count - 1) // self.block_size
+        context_ok = all(self._block_ok(tokens, block_ids, b) for b in range(first))
         for b in range(first, last + 1):
             if (b + 1) * self.block_size > start + count:
                 continue  # partial block: a real model writes only some rows; skip it
             for layer, name in enumerate(LAYERS):
-                self.kv[name][block_ids[b]] = self.expected_block(tokens, b, layer)
+                block = self.expected_block(tokens, b, layer)
+                self.kv[name][block_ids[b]] = block if context_ok else block + 1
+        self.forwarded.append((req_id, start, count, context_ok))
+
+    def _block_ok(self, tokens: list[int], block_ids: list[int], b: int) -> bool:
+        return all(torch.equal(self.kv[name][block_ids[b]], self.expected_block(tokens, b, layer))
+                   for layer, name in enumerate(LAYERS))
 
     def blocks_match(self, req: Request, upto_tokens: int) -> bool:
         """Every complete block of ``req`` below ``upto_tokens`` holds the expected bytes."""
         tokens = list(req.all_token_ids)
         block_ids = self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0]
-        for b in range(upto_tokens // self.block_size):
-            for layer, name in enumerate(LAYERS):
-                if not torch.equal(self.kv[name][block_ids[b]],
-                                   self.expected_block(tokens, b, layer)):
-                    return False
-        return True
+        return all(self._block_ok(tokens, block_ids, b)
+                   for b in range(upto_tokens // self.block_size))
+
+    def chunk_bytes(self, tokens: list[int], chunk: int) -> bytes:
+        """The bytes kvcore must hold for chunk ``chunk`` of ``tokens`` (layer-major blocks)."""
+        k = self.connector_scheduler.blocks_per_chunk
+        parts = [self.expected_block(tokens, chunk * k + j, layer).view(torch.uint8).numpy()
+                 .tobytes() for layer in range(len(LAYERS)) for j in range(k)]
+        return b"".join(parts)
+
+    def stored_chunks_correct(self, tokens: list[int]) -> list[bool | None]:
+        """For each full chunk of ``tokens``: whether kvcore's copy is right (None: absent)."""
+        side = self.connector_scheduler
+        keys = side.engine.keys_for(side.namespace, tokens)
+        out: list[bool | None] = []
+        for i, key in enumerate(keys):
+            views = side.engine.cpu.acquire([key])
+            if views[0] is None:
+                out.append(None)
+                continue
+            try:
+                out.append(bytes(views[0]) == self.chunk_bytes(tokens, i))
+            finally:
+                side.engine.cpu.release([key])
+        return out
 
     # -- one engine step -------------------------------------------------------------------------
 
@@ -172,11 +234,13 @@ class Harness:
             self._forward(req_id, starts[req_id], count)
         self.worker.wait_for_save()
         # Deterministic tests: stores, background loads and verifications land before reporting.
-        self.worker.engine.flush(10.0)
+        if self.flush_stores:
+            self.worker_side.engine.flush(10.0)
         if self.wait_async:
-            self.worker.worker.wait_for_async_loads(10.0)
-        self.worker.worker.verifier.flush(10.0)
-        self.worker.engine.flush(10.0)
+            self.worker_side.wait_for_async_loads(10.0)
+        self.worker_side.verifier.flush(10.0)
+        if self.flush_stores:
+            self.worker_side.engine.flush(10.0)
         sending, recving = self.worker.get_finished(out.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
         worker_meta = self.worker.build_connector_worker_meta()
