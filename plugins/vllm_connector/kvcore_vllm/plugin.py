@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from kvcore.hookspecs import hookimpl
 from kvcore.interfaces import ConnectorInfo
@@ -25,16 +26,22 @@ def kvcore_register_settings(register: Callable[..., None]) -> None:
     register(VllmSettings)
 
 
+def _lazy_benchmark(module: str) -> tuple[Callable[..., None], Callable[..., dict]]:
+    """``add_arguments`` and ``run`` of a benchmark module, imported only when used (vLLM is
+    heavy to import)."""
+    from importlib import import_module
+
+    def add_arguments(parser: Any) -> None:
+        import_module(module).add_arguments(parser)
+
+    def run(args: Any) -> dict:
+        return import_module(module).run(args)
+
+    return add_arguments, run
+
+
 @hookimpl
 def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
-    def add_arguments(parser):  # type: ignore[no-untyped-def]
-        from kvcore_vllm.bench import add_arguments as add
-
-        add(parser)
-
-    def run(args):  # type: ignore[no-untyped-def]
-        from kvcore_vllm.bench import run as run_bench
-
-        return run_bench(args)
-
-    register("engine", add_arguments, run)
+    register("engine", *_lazy_benchmark("kvcore_vllm.bench"))
+    register("stall", *_lazy_benchmark("kvcore_vllm.bench_stall"))
+    register("verify", *_lazy_benchmark("kvcore_vllm.bench_verify"))

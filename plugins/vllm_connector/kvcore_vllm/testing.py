@@ -143,13 +143,15 @@ def run_engine(
     extra_config: dict[str, Any] | None = None,
     setup: str | None = None,
     timeout: float = 600.0,
+    multi_connector: bool = False,
 ) -> EngineResult:
     """Run ``steps`` on one fresh vLLM engine in a child process; raise with its log on failure.
 
     ``connector=False`` runs plain vLLM (the baseline). ``module_path="kvcore_vllm"`` loads the
     connector by module path instead of the registered name. ``setup="module:function"`` is
     called in the child before the engine starts (for example
-    ``"kvcore_vllm.testing:register_faulty_tiers"``).
+    ``"kvcore_vllm.testing:register_faulty_tiers"``). ``multi_connector=True`` runs kvcore as
+    the only child of vLLM's MultiConnector.
     """
     spec = {
         "model": str(model),
@@ -158,6 +160,7 @@ def run_engine(
         "llm_kwargs": llm_kwargs or {},
         "extra_config": extra_config or {},
         "setup": setup,
+        "multi_connector": multi_connector,
         "steps": [asdict(s) for s in steps],
     }
     child_env = dict(os.environ)
@@ -210,12 +213,15 @@ def _child(spec_path: str, out_path: str) -> None:
     if spec["connector"]:
         from vllm.config import KVTransferConfig
 
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVCoreConnector",
-            kv_role="kv_both",
-            kv_connector_module_path=spec["module_path"],
-            kv_connector_extra_config=spec["extra_config"],
-        )
+        child = {"kv_connector": "KVCoreConnector", "kv_role": "kv_both",
+                 "kv_connector_module_path": spec["module_path"],
+                 "kv_connector_extra_config": spec["extra_config"]}
+        if spec.get("multi_connector"):
+            kwargs["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="MultiConnector", kv_role="kv_both",
+                kv_connector_extra_config={"connectors": [child]})
+        else:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**child)
     llm = LLM(**kwargs)
     results = []
     for step in spec["steps"]:
@@ -282,10 +288,11 @@ def _connector_report() -> dict[str, Any]:
 
 
 class FaultyTier:
-    """A lower tier that keeps values in memory but fails on read.
+    """A lower tier that keeps values in memory but fails or slows down on read.
 
     ``mode="corrupt"``: ``get`` returns the stored bytes with one byte flipped (kvcore's checksum
     must turn this into a miss). ``mode="raise"``: every call but ``put`` raises.
+    ``mode="slow"``: ``get`` returns intact values after 0.2 s (a remote tier).
     """
 
     framed = True
@@ -302,6 +309,9 @@ class FaultyTier:
     def get(self, keys: Any) -> list[Any]:
         if self.mode == "raise":
             raise OSError("faulty tier: get failed")
+        if self.mode == "slow":
+            time.sleep(0.2)
+            return [self.values.get(k) for k in keys]
         out: list[Any] = []
         for key in keys:
             value = self.values.get(key)
@@ -350,13 +360,35 @@ class _FaultyTierPlugin:
     def kvcore_register_tiers(register: Any) -> None:
         from kvcore.interfaces import Tier
 
-        for mode in ("corrupt", "raise"):
+        for mode in ("corrupt", "raise", "slow"):
             cls = type(f"Faulty{mode.title()}Tier", (FaultyTier, Tier), {})
             register(f"faulty-{mode}", lambda context, cls=cls, mode=mode: cls(mode))
 
 
+def inject_late_chunk_once() -> None:
+    """Setup for :func:`run_engine`: the first lease of two or more chunks comes back with only
+    its first chunk, once (the rest is late: evicted, a slow tier, a rank missing its shard).
+    Also registers the faulty tiers."""
+    from kvcore.engine import CacheEngine
+
+    register_faulty_tiers()
+    real = CacheEngine.acquire
+    fired = []
+
+    def acquire(self: Any, keys: Any, timeout_s: float | None = None) -> Any:
+        lease = real(self, keys, timeout_s)
+        if not fired and len(lease) >= 2:
+            fired.append(True)
+            self.cpu.release(lease.keys[1:])
+            lease.keys, lease.views = lease.keys[:1], lease.views[:1]
+        return lease
+
+    CacheEngine.acquire = acquire  # type: ignore[method-assign]
+
+
 def register_faulty_tiers() -> None:
-    """Make the tier names ``faulty-corrupt`` and ``faulty-raise`` available (``KVCORE_TIERS``)."""
+    """Make the tier names ``faulty-corrupt``, ``faulty-raise`` and ``faulty-slow`` available
+    (``KVCORE_TIERS``)."""
     from kvcore.plugins import get_registry
 
     registry = get_registry()

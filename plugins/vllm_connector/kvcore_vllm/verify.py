@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +30,13 @@ log = logging.getLogger("vllm.kvcore")
 
 MAX_PENDING = 4
 """Verifications waiting for the comparison thread; more are skipped (bounded memory)."""
+
+_live: "weakref.WeakSet[Verifier]" = weakref.WeakSet()
+
+
+def live_verifiers() -> list["Verifier"]:
+    """The verifiers of this process's workers (benchmarks, tests)."""
+    return list(_live)
 
 
 def as_float32(raw: np.ndarray, dtype: Any) -> np.ndarray | None:
@@ -72,6 +80,9 @@ class Verifier:
         self._pending = 0
         self._lock = threading.Lock()
         self._logged = False
+        self.worst_accepted = 0.0
+        """Largest difference accepted so far (within the tolerance)."""
+        _live.add(self)
 
     def submit(self, keys: Sequence[ChunkKey], source: Any, dtype: Any, first_chunk: int) -> bool:
         """Gather the fresh KV of ``keys`` from ``source`` now; compare later. False when
@@ -104,6 +115,8 @@ class Verifier:
                         self.engine.metrics.inc("verify_exact_total")
                     elif worst <= self.tolerance:
                         self.engine.metrics.inc("verify_within_tolerance_total")
+                        self.worst_accepted = max(self.worst_accepted, worst)
+                        self.engine.metrics.observe("verify_difference", worst)
                     else:
                         mismatched.append((i, worst))
             for i, worst in mismatched:
