@@ -194,7 +194,8 @@ class Settings(_KVCoreSettingsBase):
         True, description="Copy stored chunks into the lower tiers in the background."
     )
     tier_timeout_s: float = Field(
-        5.0, gt=0, description="Longest wait for one tier operation before it counts as a miss."
+        5.0, gt=0, allow_inf_nan=False,
+        description="Longest wait for one tier operation before it counts as a miss.",
     )
     log_level: str = Field("WARNING", description="Log level of the kvcore logger.")
     verify_sample: float = Field(

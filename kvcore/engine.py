@@ -226,6 +226,9 @@ class CacheEngine:
         built = list(tiers) if tiers is not None else self._build_tiers()
         first = built[0]
         if not isinstance(first, CpuTier):
+            if tiers is None:
+                for tier in built:
+                    tier.close()
             raise ConfigError(
                 f"KVCORE_TIERS={','.join(self.settings.tiers)!r}: the first tier must be the "
                 "memory tier 'cpu' (lower tiers follow it, for example cpu,lmdb)"
@@ -248,18 +251,28 @@ class CacheEngine:
             thread.start()
 
     def _build_tiers(self) -> list[Tier]:
+        """The tiers of ``settings.tiers``; when one fails to build, those already built are
+        closed before the error propagates."""
         policy_factory = self.registry.policy_factory(self.settings.eviction)
-        tiers = []
-        for name in self.settings.tiers:
-            factory = self.registry.tier_factory(name)
-            context = TierContext(name, self.settings, policy_factory, self._notify)
-            if tiers:
-                context.extra["cpu"] = tiers[0]  # lower tiers may serve it (kvcore-nixl)
-                context.extra["serve_cpu"] = self._serve_cpu
-                context.extra["pending"] = self.pending
-            tier = factory(context)
-            tier.name = name
-            tiers.append(tier)
+        tiers: list[Tier] = []
+        try:
+            for name in self.settings.tiers:
+                factory = self.registry.tier_factory(name)
+                context = TierContext(name, self.settings, policy_factory, self._notify)
+                if tiers:
+                    context.extra["cpu"] = tiers[0]  # lower tiers may serve it (kvcore-nixl)
+                    context.extra["serve_cpu"] = self._serve_cpu
+                    context.extra["pending"] = self.pending
+                tier = factory(context)
+                tier.name = name
+                tiers.append(tier)
+        except BaseException:
+            for built in reversed(tiers):
+                try:
+                    built.close()
+                except Exception as exc:
+                    log.warning("kvcore tier %s: close failed: %s", built.name, exc)
+            raise
         return tiers
 
     # -- observers (control plane) --------------------------------------------------------------
@@ -564,11 +577,18 @@ class CacheEngine:
         return [self.cpu, *(t.tier for t in self.lower)]
 
     def stats(self) -> dict[str, Any]:
-        """Tier usage plus metrics."""
-        tiers = {}
-        for t in self.tiers:
+        """Tier usage plus metrics. A lower tier's usage is read with the same bounded wait as
+        every other lower-tier call (a tier that does not answer reports an error)."""
+        tiers: dict[str, Any] = {}
+        for t in [self.cpu, *self.lower]:
             try:
-                u = t.usage()
+                if isinstance(t, _LowerTier):
+                    u = t.call("usage", t.tier.usage, default=None)
+                    if u is None:
+                        tiers[t.name] = {"error": f"no usage within {t.timeout_s}s"}
+                        continue
+                else:
+                    u = t.usage()
                 tiers[t.name] = {"used_bytes": u.used_bytes, "budget_bytes": u.budget_bytes,
                                  "chunks": u.chunks}
             except Exception as exc:

@@ -110,3 +110,22 @@ def test_prefix_policy_evicts_tails_before_heads() -> None:
     newcomer = make_keys(1, tenant="other")[0]
     assert tier.put_one(newcomer, [b"n" * 100])
     assert tier.contains(chain) == [True, True, True, True, False]
+
+
+class _LyingUsageTier(CpuTier):
+    """Holds chunks like the CPU tier but reports itself empty."""
+
+    def usage(self):  # type: ignore[no-untyped-def]
+        from kvcore.interfaces import TierUsage
+
+        return TierUsage(0, self.budget_bytes if hasattr(self, "budget_bytes") else 1, 0)
+
+
+def test_contract_catches_a_tier_whose_usage_lies() -> None:
+    """Review bug (issue 16): the contract claimed to test the budget, but a tier whose
+    usage() lies passed it."""
+    contract = TestCpuTierContract()
+    tier = _LyingUsageTier(1024 * 1024, LRUPolicy())
+    with pytest.raises(AssertionError, match="usage\\(\\) reports"):
+        contract.test_usage_within_budget(tier)
+    contract.test_usage_within_budget(CpuTier(1024 * 1024, LRUPolicy()))  # the honest one passes

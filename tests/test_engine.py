@@ -216,3 +216,65 @@ def test_clear_by_namespace() -> None:
     assert engine.clear(a) == 2
     assert engine.lookup(ka).chunks == 0 and engine.lookup(kb).chunks == 2
     engine.close()
+
+
+class _HangingUsageTier(BrokenTier):
+    def usage(self) -> TierUsage:
+        time.sleep(5)
+        return TierUsage(0, 0, 0)
+
+
+def test_stats_is_bounded_by_the_tier_timeout() -> None:
+    """Review finding (issue 16): stats() took 8 s with Redis paused."""
+    engine = CacheEngine(load_settings(chunk_size=CHUNK, tier_timeout_s=0.2),
+                         tiers=[CpuTier(1 << 20, LRUPolicy()), _HangingUsageTier("raise")])
+    try:
+        started = time.monotonic()
+        stats = engine.stats()
+        assert time.monotonic() - started < 2
+        assert "error" in stats["tiers"]["broken"]
+        assert stats["tiers"]["cpu"]["chunks"] == 0
+    finally:
+        engine.close()
+
+
+def test_failed_construction_closes_the_tiers_already_built() -> None:
+    """Review finding (issue 16): a tier that fails to build left the ones before it open."""
+    from kvcore.hookspecs import hookimpl
+    from kvcore.plugins import PluginRegistry
+
+    closed: list[str] = []
+
+    class Recording(BrokenTier):
+        def close(self) -> None:
+            closed.append(self.name)
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def kvcore_register_tiers(register) -> None:  # type: ignore[no-untyped-def]
+            register("recording", lambda context: Recording("raise"))
+
+            def fail(context):  # type: ignore[no-untyped-def]
+                raise OSError("cannot open the store")
+
+            register("failing", fail)
+
+    registry = PluginRegistry().load()
+    registry.register_module(Plugin(), name="test-tiers")
+    import pytest
+
+    with pytest.raises(OSError, match="cannot open the store"):
+        CacheEngine(load_settings(tiers=["cpu", "recording", "failing"]), registry=registry)
+    assert closed == ["recording"]
+
+
+def test_infinite_or_nan_tier_timeout_is_a_config_error() -> None:
+    """Review finding (issue 16): KVCORE_TIER_TIMEOUT_S=inf silently disabled every lower tier."""
+    import pytest
+
+    from kvcore.config import ConfigError
+
+    for value in ("inf", "nan", "-1"):
+        with pytest.raises(ConfigError, match="KVCORE_TIER_TIMEOUT_S"):
+            load_settings(tier_timeout_s=value)

@@ -100,3 +100,16 @@ def test_lru_keeps_its_order() -> None:
     policy.touch(key(0))
     assert policy.victim() == key(1)
     assert isinstance(PrefixLRUPolicy().victim(), type(None))
+
+
+def test_prefix_value_excluded_entry_does_not_lend_its_age() -> None:
+    """Review bug (issue 16): a class was scored with its excluded head's older stamp, so with
+    equal weights the newer of two candidates was evicted."""
+    policy = PrefixValuePolicy(learned=False, beta=1.0)  # every class weighs 1: LRU of leaves
+    a, b, c = b"a" * 24, b"b" * 24, b"c" * 24
+    policy.insert(a, 1, None)  # fresh class, stamp 1
+    policy.insert(c, 1, None)
+    policy.touch(c)  # hit class, stamp 3
+    policy.insert(b, 1, None)  # fresh class, stamp 4
+    assert policy.victim() == a
+    assert policy.victim(exclude={a}) == c  # older than b; the bug returned b

@@ -170,16 +170,18 @@ class PrefixValuePolicy(EvictionPolicy):
         best: ChunkKey | None = None
         best_score = -1.0
         for cls, heap in enumerate(self._heaps):
-            key = self._top(cls, heap, exclude)
-            if key is None:
+            top = self._top(cls, heap, exclude)
+            if top is None:
                 continue
-            score = (self._tick - heap[0][0] + 1) / self.rate(cls)
+            stamp, key = top  # the candidate's own stamp, not an excluded entry's
+            score = (self._tick - stamp + 1) / self.rate(cls)
             if score > best_score:
                 best, best_score = key, score
         return best
 
     def _top(self, cls: int, heap: list[tuple[int, ChunkKey]],
-             exclude: Container[ChunkKey]) -> ChunkKey | None:
+             exclude: Container[ChunkKey]) -> tuple[int, ChunkKey] | None:
+        """The oldest current entry of a class's heap that is not excluded."""
         skipped = []
         found = None
         while heap:
@@ -190,7 +192,7 @@ class PrefixValuePolicy(EvictionPolicy):
             if entry[1] in exclude:
                 skipped.append(heapq.heappop(heap))
                 continue
-            found = entry[1]
+            found = entry
             break
         for entry in skipped:
             heapq.heappush(heap, entry)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -71,12 +72,30 @@ class TierContract:
         assert tier.delete(keys[:2]) == 2
         assert tier.contains(keys) == [False, False, True]
 
+    usage_staleness_s = 0.0
+    """How old a tier's ``usage()`` may be (a tier that caches a costly reading sets this)."""
+
     def test_usage_within_budget(self, tier: Tier) -> None:
         keys = make_keys(64, tenant="budget")
         for key in keys:
             tier.put([(key, self.framed(key, os.urandom(self.chunk_bytes)))])
             usage = tier.usage()
             assert usage.used_bytes <= usage.budget_bytes
+            if not self.usage_staleness_s:
+                self.check_usage(tier, keys)
+        time.sleep(self.usage_staleness_s)
+        self.check_usage(tier, keys)
+
+    def check_usage(self, tier: Tier, keys: list[bytes]) -> None:
+        """``usage()`` tells the truth: it counts the chunks the tier holds, at least their
+        payload bytes, and stays within the budget."""
+        usage = tier.usage()
+        held = sum(tier.contains(keys))
+        assert usage.chunks >= held, f"usage() reports {usage.chunks} chunks, {held} are held"
+        assert usage.used_bytes >= held * self.chunk_bytes, (
+            f"usage() reports {usage.used_bytes} bytes for {held} chunks of "
+            f"{self.chunk_bytes} bytes")
+        assert usage.used_bytes <= usage.budget_bytes
 
     def test_concurrent_puts_and_gets(self, tier: Tier) -> None:
         keys = make_keys(32, tenant="threads")

@@ -177,7 +177,11 @@ def test_decode_loads_prefill_kv(servers: Any, model: Path, reference: Any) -> N
         assert chunks_at(nixl) == 4
         assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 4 * CHUNK
         # The decode engine's own metrics: the prompt's chunks came from kvcore (over NIXL).
-        assert metric(decode.port, "vllm:external_prefix_cache_hits_total") == 4 * CHUNK
+        # The load is asynchronous; vLLM counts each attempt's hit, and a loaded machine can
+        # need a retry (at most kvcore_vllm.scheduler.LOAD_RETRIES attempts) while the
+        # prefill's store is still running.
+        hits = metric(decode.port, "vllm:external_prefix_cache_hits_total")
+        assert hits % (4 * CHUNK) == 0 and 4 * CHUNK <= hits <= 3 * 4 * CHUNK
         assert answer["choices"][0]["token_ids"] == reference["loaded"]
     finally:
         proxy.shutdown()

@@ -12,13 +12,17 @@ from kvcore_redis import RedisTier
 from kvcore_redis.server import RedisClusterServers, RedisServer
 
 
-class TestRedisServer(LowerTierContract):
+class _RedisContract(LowerTierContract):
+    usage_staleness_s = 1.1  # RedisTier.usage() reads INFO memory at most once a second
+
+
+class TestRedisServer(_RedisContract):
     @pytest.fixture
     def tier(self, redis_url: str, make_tier) -> RedisTier:
         return make_tier(redis_url)
 
 
-class TestRedisServerSplitValues(LowerTierContract):
+class TestRedisServerSplitValues(_RedisContract):
     """Every value above 64 KiB is stored as parts plus a manifest."""
 
     chunk_bytes = 200_000
@@ -28,7 +32,7 @@ class TestRedisServerSplitValues(LowerTierContract):
         return make_tier(redis_url, part_size=64 * 1024)
 
 
-class TestRedisCluster(LowerTierContract):
+class TestRedisCluster(_RedisContract):
     chunk_bytes = 100_000
 
     @pytest.fixture

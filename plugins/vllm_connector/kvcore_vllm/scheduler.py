@@ -32,6 +32,9 @@ from kvcore_vllm.metadata import KVCoreMetadata, LoadSpec, StoreSpec
 
 log = logging.getLogger("vllm.kvcore")
 
+LOAD_RETRIES = 3
+"""Failed loads of one request after which kvcore stops claiming the chunk that failed."""
+
 
 @dataclass
 class _Tracked:
@@ -55,6 +58,12 @@ class _Tracked:
     recomputes them and the worker compares (0: not sampled)."""
     sampled: bool = False
     """The verification draw was made (once per request)."""
+    load_failures: int = 0
+    """Loads of this request that failed part-way."""
+    load_cap: int | None = None
+    """After ``LOAD_RETRIES`` failed loads: claim at most this many leading chunks again. A
+    failed asynchronous load sends the request back to vLLM's waiting queue, whose next lookup
+    may retry (a peer still storing the chunk); the cap keeps that from looping for ever."""
 
 
 class SchedulerSide:
@@ -120,6 +129,8 @@ class SchedulerSide:
             # holds the last prompt token, like vLLM's own prefix cache.
             limit = (max(0, request.num_tokens - 1) // self.block_size) * self.block_size
             usable = min(len(tracked.keys), -(-limit // self.chunk_size))
+            if tracked.load_cap is not None:
+                usable = min(usable, tracked.load_cap)
             if usable == 0:
                 return 0, False
             chunks, in_memory = self._lookup(tracked.keys[:usable])
@@ -175,9 +186,17 @@ class SchedulerSide:
                 self.worker_chunks.difference_update(keys)
         for req_id, chunk in getattr(meta, "unstored", {}).items():
             tracked = self._requests.get(req_id)
-            if tracked is not None and chunk < tracked.stored_chunks:
+            if tracked is None:
+                continue
+            if chunk < tracked.stored_chunks:
                 tracked.stored_chunks = chunk
                 self.engine.metrics.inc("vllm_stores_rewound_total")
+            if tracked.hit_tokens and chunk * self.chunk_size < tracked.hit_tokens:
+                # a load of this request failed from ``chunk`` on
+                tracked.load_failures += 1
+                if tracked.load_failures >= LOAD_RETRIES:
+                    tracked.load_cap = min(chunk, tracked.load_cap if tracked.load_cap
+                                           is not None else chunk)
 
     def update_state_after_alloc(self, request: Any, num_external_tokens: int) -> None:
         tracked = self._requests.get(request.request_id)
@@ -190,6 +209,7 @@ class SchedulerSide:
         """Loads agreed this step, stores of newly completed chunks, preempted requests."""
         meta = KVCoreMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
         for req_id in meta.preempted:
+            self.engine.metrics.inc("vllm_preempted_requests_total")
             tracked = self._requests.get(req_id)
             if tracked is not None:
                 # The worker cancels the request's pending stores: redo them after it resumes

@@ -180,6 +180,8 @@ class SlowMemoryTier:
         self.delay_s = delay_s
         self.values: dict[bytes, bytes] = {}
         self.corrupt: set[bytes] = set()
+        self.unreadable: set[bytes] = set()
+        """Keys the tier claims to hold but never returns (a peer that times out)."""
 
     def contains(self, keys):
         return [k in self.values for k in keys]
@@ -188,7 +190,7 @@ class SlowMemoryTier:
         time.sleep(self.delay_s)
         out = []
         for k in keys:
-            v = self.values.get(k)
+            v = None if k in self.unreadable else self.values.get(k)
             if v is not None and k in self.corrupt:
                 v = v[:-1] + bytes([v[-1] ^ 1])
             out.append(v)
@@ -293,6 +295,27 @@ def test_failed_asynchronous_load_is_recomputed(harness_factory) -> None:
     assert h.blocks_match(req, 4 * CHUNK)
     h.run_until_idle()
     assert h.stored_chunks_correct(tokens) == [True] * 4  # chunk 2 stored again, right
+
+
+def test_a_chunk_that_never_loads_is_not_retried_for_ever(harness_factory) -> None:
+    """(6) A tier that claims a chunk but never returns it: the failed asynchronous load
+    sends the request back to the waiting queue, and its next lookup must not claim that
+    chunk again (else it would wait for it for ever)."""
+    h = harness_factory()
+    tier = with_slow_tier(h, delay_s=0.0)
+    tokens = prompt(4, seed=36)
+    store_prompt(h, tokens)
+    only_in_slow_tier(h, tokens)
+    keys = h.connector_scheduler.engine.keys_for(h.connector_scheduler.namespace, tokens)
+    tier.unreadable.add(keys[0])
+    req = h.request(tokens)
+    for _ in range(20):
+        h.step()
+        if req.num_computed_tokens >= 4 * CHUNK:
+            break
+    assert h.blocks_match(req, 4 * CHUNK)
+    assert counter(h, "vllm_async_loads_total") == 3  # LOAD_RETRIES, then recomputed
+    h.run_until_idle()
 
 
 def test_memory_hits_stay_synchronous(harness_factory) -> None:

@@ -29,11 +29,24 @@ def prompts() -> dict[str, list[int]]:
         "b": random_prompt(4 * CHUNK, seed=4),  # exactly 4 chunks
         "c": random_prompt(4 * CHUNK + 1, seed=5),  # later served from the slow tier
         "filler": random_prompt(4 * CHUNK + 1, seed=6),
+        "x": random_prompt(5 * CHUNK + 1, seed=7),  # x and y decode together: one is preempted
+        "y": random_prompt(5 * CHUNK + 1, seed=8),
     }
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_llama, prompts) -> dict:
+    """Plain vLLM: each prompt cold, then again from vLLM's own prefix cache."""
+    steps = []
+    for name in ("a5", "b", "c", "x", "y"):
+        steps += [Step([prompts[name]], label=f"{name}-cold"),
+                  Step([prompts[name]], label=f"{name}-local")]
+    result = run_engine(tiny_llama, steps, connector=False)
+    return {s.label: s for s in result.steps}
+
+
 def test_hits_after_failed_loads_whole_chunks_and_async_loads_equal_a_clean_engine(
-        tiny_llama, prompts) -> None:
+        tiny_llama, prompts, reference) -> None:
     p = prompts
     faulty = run_engine(
         tiny_llama,
@@ -52,17 +65,8 @@ def test_hits_after_failed_loads_whole_chunks_and_async_loads_equal_a_clean_engi
         env={"KVCORE_TIERS": "cpu,faulty-slow", "KVCORE_CPU_SIZE": "8MiB",
              "KVCORE_VERIFY_SAMPLE": "0"},
     )
-    clean = run_engine(
-        tiny_llama,
-        [
-            Step([p["a5"]], label="a5-cold"), Step([p["a5"]], label="a5-local"),
-            Step([p["b"]], label="b-cold"), Step([p["b"]], label="b-local"),
-            Step([p["c"]], label="c-cold"), Step([p["c"]], label="c-local"),
-        ],
-        connector=False,
-    )
     got = {s.label: s for s in faulty.steps}
-    ref = {s.label: s for s in clean.steps}
+    ref = reference
     counters = faulty.connector
     # (1), (2): the late chunk was reported and recomputed, inside MultiConnector, without an
     # error; nothing computed over it was stored, and the later hit is right.
@@ -80,6 +84,28 @@ def test_hits_after_failed_loads_whole_chunks_and_async_loads_equal_a_clean_engi
     assert counters.get("vllm_async_loads_total", 0) >= 1
     assert got["c-async"].num_cached_tokens == [4 * CHUNK]
     assert got["c-async"].outputs == ref["c-local"].outputs
+
+
+def test_preempted_requests_store_their_prompts(tiny_llama, prompts, reference) -> None:
+    """(3) Two 10-block prompts decode 300 tokens each in a 24-block pool: vLLM preempts one.
+    Both prompts end up whole in kvcore, and later hits equal a clean engine's output."""
+    p = prompts
+    result = run_engine(
+        tiny_llama,
+        [
+            Step([p["x"], p["y"]], max_tokens=300, label="together"),
+            Step([p["x"]], reset_prefix_cache=True, label="x-hit"),
+            Step([p["y"]], reset_prefix_cache=True, label="y-hit"),
+        ],
+        llm_kwargs={"kv_cache_memory_bytes": 24 << 20, "max_model_len": 2048,
+                    "max_num_batched_tokens": 2048},
+        env={"KVCORE_VERIFY_SAMPLE": "0"},
+    )
+    got = {s.label: s for s in result.steps}
+    assert result.connector.get("vllm_preempted_requests_total", 0) >= 1
+    for name in ("x", "y"):
+        assert got[f"{name}-hit"].num_cached_tokens == [5 * CHUNK]
+        assert got[f"{name}-hit"].outputs == reference[f"{name}-local"].outputs
 
 
 def test_sampled_verification_of_real_kv(tiny_llama) -> None:
