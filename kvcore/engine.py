@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kvcore import chunk_format
+from kvcore import chunk_format, logs
 from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.interfaces import Buffer, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
@@ -218,7 +218,7 @@ class CacheEngine:
         self._serve_cpu = serve_cpu
         self.pending = PendingStores()
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
-        logging.getLogger("kvcore").setLevel(self.settings.log_level)
+        logs.configure(self.settings.log_level)
         self.registry = registry or get_registry(self.settings.plugins)
         self.metrics = Metrics()
         self.chunk_size = self.settings.chunk_size
@@ -249,6 +249,10 @@ class CacheEngine:
                 target=self._behind_worker, args=(i,), name=f"kvcore-behind-{i}", daemon=True))
         for thread in self._threads:
             thread.start()
+        self._warned_chunk_too_large = False
+        log.info("kvcore engine: tiers %s, chunk %d tokens, CPU budget %d bytes, policy %s",
+                 ",".join(t.name for t in self.tiers), self.chunk_size, self.cpu.budget,
+                 self.settings.eviction)
 
     def _build_tiers(self) -> list[Tier]:
         """The tiers of ``settings.tiers``; when one fails to build, those already built are
@@ -424,6 +428,11 @@ class CacheEngine:
         started = time.perf_counter()
         present = self.cpu.contains(keys)
         nbytes = source.chunk_nbytes()
+        if nbytes > self.cpu.budget and not self._warned_chunk_too_large:
+            self._warned_chunk_too_large = True
+            log.warning("kvcore: KVCORE_CPU_SIZE=%d bytes is smaller than one chunk (%d bytes): "
+                        "nothing can be stored; raise KVCORE_CPU_SIZE or lower "
+                        "KVCORE_CHUNK_SIZE", self.cpu.budget, nbytes)
         indices, dests, reserved = [], [], []
         for i, key in enumerate(keys):
             if present[i]:

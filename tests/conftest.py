@@ -6,9 +6,14 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from kvcore.config import load_settings
 from kvcore.engine import CacheEngine
+
+# Tests assert behaviour, never time: no per-example deadline (the machine is shared and noisy).
+settings.register_profile("kvcore", deadline=None)
+settings.load_profile("kvcore")
 
 
 @pytest.fixture(autouse=True)

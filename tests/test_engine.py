@@ -278,3 +278,25 @@ def test_infinite_or_nan_tier_timeout_is_a_config_error() -> None:
     for value in ("inf", "nan", "-1"):
         with pytest.raises(ConfigError, match="KVCORE_TIER_TIMEOUT_S"):
             load_settings(tier_timeout_s=value)
+
+
+def test_log_level_takes_effect_in_a_bare_process() -> None:
+    """Review finding (issue 16): KVCORE_LOG_LEVEL=DEBUG printed nothing (no handler); and a
+    CPU budget smaller than one chunk stored nothing without a word."""
+    import subprocess
+    import sys
+
+    script = ("from kvcore.engine import CacheEngine\n"
+              "from kvcore.config import load_settings\n"
+              "e = CacheEngine(load_settings(chunk_size=4, cpu_size=100))\n"
+              "e.store_buffers([b'k' * 24], [b'x' * 1000]).wait(5)\n"
+              "e.close()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCORE_")}
+    quiet = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=60)
+    loud = subprocess.run([sys.executable, "-c", script], env={**env, "KVCORE_LOG_LEVEL": "INFO"},
+                          capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == loud.returncode == 0
+    assert "kvcore engine: tiers cpu" not in quiet.stderr
+    assert "kvcore engine: tiers cpu" in loud.stderr
+    assert quiet.stderr.count("KVCORE_CPU_SIZE=100 bytes is smaller than one chunk") == 1
