@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar, overload
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
@@ -178,7 +178,8 @@ class Settings(_KVCoreSettingsBase):
         4 * 1024**3, description="Byte budget of the CPU tier (units: 512MiB, 4GB, ...)."
     )
     eviction: str = Field(
-        "prefix_value", description="Eviction policy name used by every tier (see `kvcore plugins`)."
+        "prefix_value",
+        description="Eviction policy name used by every tier (see `kvcore plugins`).",
     )
     plugins: NameList | None = Field(
         None,
@@ -251,7 +252,15 @@ def _accepted_form(cls: type[BaseSettings], field_name: str) -> str:
     return field.description or ""
 
 
-def load_settings(cls: type[S] = Settings, **overrides: Any) -> S:  # type: ignore[assignment]
+@overload
+def load_settings(**overrides: Any) -> Settings: ...
+
+
+@overload
+def load_settings(cls: type[S], **overrides: Any) -> S: ...
+
+
+def load_settings(cls: type[Any] = Settings, **overrides: Any) -> Any:
     """Build settings from overrides, environment and config file; raise :class:`ConfigError`."""
     try:
         return cls(**overrides)

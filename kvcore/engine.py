@@ -118,7 +118,7 @@ class ChunkLease:
             self._open = False
             self._cpu.release(self.keys)
 
-    def __enter__(self) -> "ChunkLease":
+    def __enter__(self) -> ChunkLease:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -236,8 +236,8 @@ class CacheEngine:
         self.cpu: CpuTier = first
         self.lower = [_LowerTier(t, self.settings.tier_timeout_s, self.metrics) for t in built[1:]]
         self._store_queue: queue.Queue = queue.Queue(maxsize=self.settings.store_queue_size)
-        self._behind_queues = [queue.Queue(maxsize=4 * self.settings.store_queue_size)
-                               for _ in self.lower]
+        self._behind_queues: list[queue.Queue] = [
+            queue.Queue(maxsize=4 * self.settings.store_queue_size) for _ in self.lower]
         self._inflight: dict[ChunkKey, Future] = {}
         self._inflight_lock = threading.Lock()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcore-fetch")
@@ -297,8 +297,9 @@ class CacheEngine:
 
     # -- keys ------------------------------------------------------------------------------------
 
-    def keys_for(self, namespace: Namespace, tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
-        """Keys of the full chunks of ``tokens`` under ``namespace``."""
+    def keys_for(self, namespace: Namespace | bytes,
+                 tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
+        """Keys of the full chunks of ``tokens`` under ``namespace`` (or its digest)."""
         return chunk_keys(namespace, tokens, self.chunk_size)
 
     # -- lookup ------------------------------------------------------------------------------------
@@ -323,7 +324,8 @@ class CacheEngine:
             missing = [i for i, hit in zip(missing, hits) if not hit]
         n = next((i for i, s in enumerate(source) if s is None), len(keys))
         for name in source[:n]:
-            result.by_tier[name] = result.by_tier.get(name, 0) + 1  # type: ignore[index]
+            assert name is not None  # the first n chunks all have a source
+            result.by_tier[name] = result.by_tier.get(name, 0) + 1
         in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.cpu.name]
         if in_memory:
             self.cpu.touch(in_memory)
@@ -518,9 +520,10 @@ class CacheEngine:
         while n < len(views) and views[n] is not None:
             n += 1
         self.cpu.release([k for k, v in zip(keys[n:], views[n:]) if v is not None])
-        loaded = sum(v.nbytes for v in views[:n])  # type: ignore[union-attr]
+        leased = [v for v in views[:n] if v is not None]
+        loaded = sum(v.nbytes for v in leased)
         self.metrics.inc("bytes_loaded_total", loaded, self.cpu.name)
-        return ChunkLease(self.cpu, keys[:n], views[:n])  # type: ignore[arg-type]
+        return ChunkLease(self.cpu, keys[:n], leased)
 
     def _wait_inflight(self, keys: Sequence[ChunkKey], timeout_s: float) -> None:
         with self._inflight_lock:
@@ -589,7 +592,8 @@ class CacheEngine:
         """Tier usage plus metrics. A lower tier's usage is read with the same bounded wait as
         every other lower-tier call (a tier that does not answer reports an error)."""
         tiers: dict[str, Any] = {}
-        for t in [self.cpu, *self.lower]:
+        sources: list[CpuTier | _LowerTier] = [self.cpu, *self.lower]
+        for t in sources:
             try:
                 if isinstance(t, _LowerTier):
                     u = t.call("usage", t.tier.usage, default=None)
@@ -616,7 +620,7 @@ class CacheEngine:
         for tier in self.lower:
             tier.close()
 
-    def __enter__(self) -> "CacheEngine":
+    def __enter__(self) -> CacheEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

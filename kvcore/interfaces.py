@@ -10,14 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from kvcore.keys import ChunkKey
 
 if TYPE_CHECKING:
     from kvcore.config import Settings
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 """Anything exposing the buffer protocol as bytes."""
 
 
@@ -35,9 +35,9 @@ class TierContext:
     """What a tier factory gets: the core settings and the eviction policy to use."""
 
     name: str
-    settings: "Settings"
-    make_policy: "Callable[[], EvictionPolicy]"
-    notify: "Callable[[str, str, list[ChunkKey]], None] | None" = None
+    settings: Settings
+    make_policy: Callable[[], EvictionPolicy]
+    notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Optional: tiers report ``notify(tier_name, "admit" | "evict", keys)`` for observers."""
     extra: dict = field(default_factory=dict)
 
@@ -57,7 +57,7 @@ class Tier(ABC):
     name: str = "tier"
     framed: bool = True
     """True when the engine should frame values (every tier except in-process memory)."""
-    _notify: "Callable[[str, str, list[ChunkKey]], None] | None" = None
+    _notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Observer from :attr:`TierContext.notify`; a tier that sets it reports through
     :meth:`_emit`."""
 
@@ -66,7 +66,7 @@ class Tier(ABC):
         if keys and self._notify is not None:
             try:
                 self._notify(self.name, kind, keys)
-            except Exception:
+            except Exception:  # noqa: BLE001 - an observer never fails the tier
                 pass
 
     @abstractmethod
@@ -104,7 +104,7 @@ class Tier(ABC):
         """Make pinned keys evictable again. Optional."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources. Called once when the engine closes."""
 
 
@@ -167,7 +167,7 @@ class Transport(ABC):
     ) -> list[bool]:
         """Push chunks into a peer's CPU tier; True where the peer stored it."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release registrations and connections."""
 
 

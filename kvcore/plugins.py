@@ -8,6 +8,7 @@ skipped; the other plugins still load. ``KVCORE_PLUGINS`` restricts which third-
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -77,12 +78,12 @@ class PluginRegistry:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def load(self, allow: Iterable[str] | None = None) -> "PluginRegistry":
+    def load(self, allow: Iterable[str] | None = None) -> PluginRegistry:
         """Load built-ins and entry points (only those in ``allow`` when it is given)."""
         version = _distribution_version("kvcore")
         for module_name in BUILTIN_PLUGINS:
             info = PluginInfo(module_name.rsplit(".", 1)[-1], module_name, "kvcore", version, True)
-            self._load_module(info, lambda m=module_name: importlib.import_module(m))
+            self._load_module(info, functools.partial(importlib.import_module, module_name))
         allowed = set(allow) if allow is not None else None
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
@@ -96,7 +97,7 @@ class PluginRegistry:
 
     def register_module(self, module: Any, name: str | None = None) -> PluginInfo:
         """Register an already-imported plugin module or object (tests, embedding)."""
-        plugin_name = name or getattr(module, "__name__", repr(module))
+        plugin_name = str(name or getattr(module, "__name__", None) or repr(module))
         info = PluginInfo(plugin_name, plugin_name, "-", "-", False)
         self._load_module(info, lambda: module)
         return info

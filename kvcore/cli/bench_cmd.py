@@ -56,7 +56,7 @@ class _Progress:
             print(f"kvcore bench {self.name}: running, {elapsed:4.0f}s", end=end,
                   file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         print(f"kvcore bench {self.name}: started", file=sys.stderr, flush=True)
         self._thread.start()
         return self

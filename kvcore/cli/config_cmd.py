@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("config", help="print the effective settings")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--reference", action="store_true",
-                        help="print the Markdown reference of every setting (docs/configuration.md)")
+                        help="print the Markdown reference of every setting "
+                             "(docs/configuration.md)")
     parser.set_defaults(func=run)
 
 

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def torch_info() -> dict[str, Any]:
     try:
         import torch
-    except Exception as exc:  # torch is optional for the core
+    except Exception as exc:  # noqa: BLE001 - torch is optional; doctor reports why it is absent
         return {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
     info: dict[str, Any] = {"installed": True, "version": torch.__version__,
                             "cuda_build": torch.version.cuda,
@@ -31,7 +31,7 @@ def torch_info() -> dict[str, Any]:
 def copy_info() -> dict[str, Any]:
     try:
         from kvcore.copy import backend_info
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - doctor reports a broken copy backend, never dies
         return {"active": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
     return backend_info()
 
@@ -44,7 +44,7 @@ def plugin_errors() -> list[dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = {"python": platform.python_version(), "platform": platform.platform(),
+    report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
               "copy_backend": copy_info(), "torch": torch_info(),
               "plugin_errors": plugin_errors()}
     if args.json:

@@ -1,8 +1,9 @@
 """Entry point of the ``kvcore`` console script.
 
 Each module in :data:`COMMANDS` defines ``add_parser(subparsers)``, which adds its sub-command
-and sets ``func(args) -> int`` on it; plugins add theirs through ``kvcore_register_commands``. A :class:`~kvcore.config.ConfigError` anywhere prints one
-line and exits with status 2, without a traceback.
+and sets ``func(args) -> int`` on it; plugins add theirs through ``kvcore_register_commands``.
+A :class:`~kvcore.config.ConfigError` anywhere prints one line and exits with status 2, without
+a traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, add_parser in sorted(get_registry().commands.items()):
         try:
             add_parser(sub)
-        except Exception as exc:  # a plugin's broken command must not break the CLI
+        except Exception as exc:  # noqa: BLE001 - a plugin's broken command must not break the CLI
             logging.getLogger("kvcore.cli").warning("command %s from a plugin failed: %s",
                                                     name, exc)
     return parser

@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = _cpu(args, g)
     figures: dict[str, Any] = {
         "compared": "kvcore.copy gather/scatter vs memcpy of the same bytes",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus {platform.processor() or ''}".strip(),
+        "machine": (f"{platform.machine()} {os.cpu_count()} cpus "
+                    f"{platform.processor() or ''}").strip(),
         "backend": backend_info()["active"] if args.backend != "fallback" else "fallback",
         "geometry": g,
         **cpu,

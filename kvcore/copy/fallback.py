@@ -17,7 +17,8 @@ from kvcore.copy.buffers import Memory, Plan
 def _host_bytes(mem: Memory, nbytes: int) -> np.ndarray:
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
-    return np.frombuffer((ctypes.c_ubyte * nbytes).from_address(mem.ptr), dtype=np.uint8)
+    raw = (ctypes.c_ubyte * nbytes).from_address(mem.ptr)
+    return np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
 
 
 def _blocks(flat: Any, p: Plan, as_strided: Any) -> Any:

@@ -1,8 +1,9 @@
 """KVLayout: where one engine block's bytes live inside one layer's KV tensor, described by data.
 
-A block is ``segments`` contiguous runs of ``segment_bytes``; run ``s`` of block ``b`` starts at byte
-``b * block_stride + s * segment_stride`` from the layer tensor's base pointer. The constructors
-read strides from the tensor, so views into a larger allocation describe themselves correctly.
+A block is ``segments`` contiguous runs of ``segment_bytes``; run ``s`` of block ``b`` starts at
+byte ``b * block_stride + s * segment_stride`` from the layer tensor's base pointer. The
+constructors read strides from the tensor, so views into a larger allocation describe themselves
+correctly.
 """
 
 from __future__ import annotations
@@ -75,36 +76,36 @@ class KVLayout:
     # -- engines -------------------------------------------------------------------------------
 
     @classmethod
-    def for_vllm_cpu(cls, tensor: Any) -> "KVLayout":
+    def for_vllm_cpu(cls, tensor: Any) -> KVLayout:
         """vLLM CPU: ``[num_blocks, kv_heads, block_size, 2*head_size]``, blocks as opaque slabs."""
         _need_dims(tensor, 4, "for_vllm_cpu")
         return cls._block_major(tensor)
 
     @classmethod
-    def for_vllm_flash(cls, tensor: Any) -> "KVLayout":
+    def for_vllm_flash(cls, tensor: Any) -> KVLayout:
         """vLLM flash-attention: ``[2, num_blocks, block_size, kv_heads, head_size]``."""
         _need_dims(tensor, 5, "for_vllm_flash")
         strides = _byte_strides(tensor)
         return cls(2, _dense_bytes(tensor, 2), strides[1], strides[0])
 
     @classmethod
-    def for_flashinfer(cls, tensor: Any) -> "KVLayout":
+    def for_flashinfer(cls, tensor: Any) -> KVLayout:
         """FlashInfer NHD: ``[num_blocks, 2, block_size, kv_heads, head_size]``."""
         _need_dims(tensor, 5, "for_flashinfer")
         return cls._block_major(tensor)
 
     @classmethod
-    def for_mla(cls, tensor: Any) -> "KVLayout":
+    def for_mla(cls, tensor: Any) -> KVLayout:
         """MLA: ``[num_blocks, block_size, dim]`` (one latent vector per token)."""
         _need_dims(tensor, 3, "for_mla")
         return cls._block_major(tensor)
 
     @classmethod
-    def _block_major(cls, tensor: Any) -> "KVLayout":
+    def _block_major(cls, tensor: Any) -> KVLayout:
         return cls(1, _dense_bytes(tensor, 1), _byte_strides(tensor)[0])
 
     @classmethod
-    def for_sglang_layer_first(cls, kv_buffer: Any, page_size: int) -> tuple["KVLayout", list]:
+    def for_sglang_layer_first(cls, kv_buffer: Any, page_size: int) -> tuple[KVLayout, list]:
         """SGLang host pool, layout ``layer_first``; returns ``(layout, per-layer views)``.
 
         MHA ``[2, layers, tokens, heads, head_dim]``: a page is its K run then its V run.
@@ -122,7 +123,7 @@ class KVLayout:
         return layout, [kv_buffer[i] for i in range(_shape(kv_buffer)[0])]
 
     @classmethod
-    def for_sglang_page_first(cls, kv_buffer: Any, page_size: int) -> tuple["KVLayout", list]:
+    def for_sglang_page_first(cls, kv_buffer: Any, page_size: int) -> tuple[KVLayout, list]:
         """SGLang host pool, layout ``page_first``; returns ``(layout, per-layer views)``.
 
         MHA ``[2, tokens, layers, heads, head_dim]``: the views are K and V of each layer in turn

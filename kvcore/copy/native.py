@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,8 @@ class Layout(ctypes.Structure):
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_COPY_ARGS = [ctypes.c_int, ctypes.POINTER(Layout), _P, _I64, _I64, _P, _P, _P, _I64, _I64]
+_COPY_ARGS: list[Any] = [ctypes.c_int, ctypes.POINTER(Layout), _P, _I64, _I64, _P, _P, _P,
+                         _I64, _I64]
 
 _libs: dict[str, ctypes.CDLL | None] = {}
 errors: dict[str, str] = {}
@@ -137,5 +139,6 @@ def run_cuda(p: Plan, stream: int, mode: int) -> None:
     rc = lib.kvcopy_cuda_copy(*args, ctypes.c_void_p(stream), mode)
     if rc != 0:
         msg = lib.kvcopy_cuda_last_error().decode()
-        raise (ValueError if rc in (-1, -2, -3) else RuntimeError)(f"native CUDA copy failed: {msg}")
+        error = ValueError if rc in (-1, -2, -3) else RuntimeError
+        raise error(f"native CUDA copy failed: {msg}")
     del keep

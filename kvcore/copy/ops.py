@@ -76,7 +76,7 @@ def _torch_sees_gpu() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken torch install means no GPU path
         return False
 
 

@@ -11,8 +11,9 @@ Use it from a plugin's tests by subclassing and providing a ``tier`` fixture::
         chunk_bytes = 4096
 
 :class:`TierContract` holds what every tier does; :class:`LowerTierContract` (for any tier used
-after ``cpu``) adds tests that store values through a real :class:`~kvcore.engine.CacheEngine` too, so framing,
-verification, write-behind and promotion are exercised with the tier as a lower tier.
+after ``cpu``) adds tests that store values through a real :class:`~kvcore.engine.CacheEngine`
+too, so framing, verification, write-behind and promotion are exercised with the tier as a lower
+tier.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _host_allocator() -> Callable[[int], np.ndarray]:
 
         if torch.cuda.is_available():
             return lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
-    except Exception:
+    except Exception:  # noqa: BLE001 - no usable CUDA torch: plain numpy buffers
         pass
     return lambda n: np.empty(n, dtype=np.uint8)
 
@@ -51,7 +51,7 @@ class _InUse:
         self._entries = entries
 
     def __contains__(self, key: object) -> bool:
-        entry = self._entries.get(key)  # type: ignore[arg-type]
+        entry = self._entries.get(key) if isinstance(key, bytes) else None
         return entry is not None and entry.refs > 0
 
 
@@ -141,10 +141,11 @@ class CpuTier(Tier):
                 if entry is None or not entry.ready:
                     out.append(None)
                     continue
+                assert entry.buf is not None  # a ready entry has its buffer
                 entry.refs += 1
                 if not entry.pinned:
                     self.policy.touch(key)
-                out.append(memoryview(entry.buf).toreadonly())
+                out.append(entry.buf.data.toreadonly())
         return out
 
     def release(self, keys: Sequence[ChunkKey]) -> None:

@@ -149,7 +149,7 @@ def _child(spec_path: str, out_path: str) -> None:
         started = time.perf_counter()
         outputs = core.step()
         window.append(time.perf_counter() - started)
-        done = [o for o in outputs if o.request_id == "load" and o.outputs[0].token_ids]
+        done = [o for o in outputs if o.request_id == "load" and _has_token(o)]
         if done:
             ttft = time.perf_counter() - arrived
             cached = int(done[0].num_cached_tokens or 0)
@@ -164,6 +164,11 @@ def _child(spec_path: str, out_path: str) -> None:
         "cached_tokens": cached,
         "async_loads": counters.get("vllm_async_loads_total", 0),
     }))
+
+
+def _has_token(output: Any) -> bool:
+    """Whether a RequestOutput carries a generated token."""
+    return bool(output.outputs and output.outputs[0].token_ids)
 
 
 if __name__ == "__main__":

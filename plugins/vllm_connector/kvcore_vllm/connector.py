@@ -60,7 +60,7 @@ def _settings_from(extra: dict[str, Any]) -> tuple[Settings, VllmSettings]:
     return load_settings(Settings, **core), load_settings(VllmSettings, **plugin)
 
 
-def _worker_rank(vllm_config: "VllmConfig") -> int:
+def _worker_rank(vllm_config: VllmConfig) -> int:
     """This worker's rank among tensor x pipeline parallel ranks (0 when not distributed)."""
     try:
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
@@ -71,7 +71,7 @@ def _worker_rank(vllm_config: "VllmConfig") -> int:
         return 0
 
 
-def _workers_in_scheduler_process(vllm_config: "VllmConfig") -> bool:
+def _workers_in_scheduler_process(vllm_config: VllmConfig) -> bool:
     """One worker run by the uniprocess executor lives in the scheduler's process."""
     parallel = vllm_config.parallel_config
     backend = parallel.distributed_executor_backend
@@ -83,11 +83,12 @@ class KVCoreConnector(KVConnectorBase_V1):
 
     _cache_hit_source = CacheHitSource.HOST
 
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
-                 kv_cache_config: "KVCacheConfig") -> None:
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         check_vllm_version()
         transfer = vllm_config.kv_transfer_config
+        assert transfer is not None  # vLLM builds a connector only from a transfer config
         settings, self.plugin_settings = _settings_from(dict(transfer.kv_connector_extra_config))
         layer_names, spec = kv_geometry(kv_cache_config)
         block_size = int(spec.block_size)
@@ -158,7 +159,7 @@ class KVCoreConnector(KVConnectorBase_V1):
             except Exception as exc:
                 self.worker._warn_once("cancelling stores", exc)
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if self.worker is None or not isinstance(meta, KVCoreMetadata):
             return
@@ -232,40 +233,40 @@ class KVCoreConnector(KVConnectorBase_V1):
     # Scheduler side
     # ==============================
 
-    def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         if self.scheduler is not None:
             self.scheduler.kv_cache_manager = kv_cache_manager
 
-    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self.scheduler is not None and connector_output.kv_connector_worker_meta is not None:
             try:
                 self.scheduler.apply_worker_meta(connector_output.kv_connector_worker_meta)
             except Exception as exc:
                 self.scheduler._warn_once("worker metadata", exc)
 
-    def on_new_request(self, request: "Request") -> None:
+    def on_new_request(self, request: Request) -> None:
         if self.scheduler is not None:
             with self._timed("on_new_request"):
                 self.scheduler.on_new_request(request)
 
-    def get_num_new_matched_tokens(self, request: "Request",
+    def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.scheduler is not None
         with self._timed("get_num_new_matched_tokens"):
             return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         assert self.scheduler is not None
         self.scheduler.update_state_after_alloc(request, num_external_tokens)
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
         with self._timed("build_connector_meta"):
             return self.scheduler.build_meta(scheduler_output)
 
-    def request_finished(self, request: "Request",
+    def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
         try:

@@ -81,7 +81,7 @@ class KVCoreWorkerMeta(KVConnectorWorkerMetadata):
     events: list[tuple[bool, list[bytes]]] = field(default_factory=list)
     unstored: dict[str, int] = field(default_factory=dict)
 
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVCoreWorkerMeta":
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVCoreWorkerMeta:
         # Several ranks: admissions as the first rank reports them, evictions from every rank
         # (a chunk one rank lost is no hit; a rank missing a shard reports a load error), and
         # the earliest unstored chunk any rank reports.

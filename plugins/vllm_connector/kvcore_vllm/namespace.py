@@ -27,7 +27,8 @@ def check_chunk_size(chunk_size: int, block_size: int) -> int:
     if chunk_size % block_size:
         raise ConfigError(
             f"KVCORE_CHUNK_SIZE={chunk_size}: must be a multiple of vLLM's KV block size "
-            f"({block_size}); for example KVCORE_CHUNK_SIZE={block_size * max(1, chunk_size // block_size)}"
+            f"({block_size}); for example "
+            f"KVCORE_CHUNK_SIZE={block_size * max(1, chunk_size // block_size)}"
             f" or set vLLM's --block-size to a divisor of {chunk_size}")
     return chunk_size // block_size
 

@@ -1,4 +1,5 @@
-"""Registration with vLLM: the ``vllm.general_plugins`` entry point calls this in every vLLM process."""
+"""Registration with vLLM: the ``vllm.general_plugins`` entry point calls this in every vLLM
+process."""
 
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ class SchedulerSide:
         except Exception as exc:
             self._warn_once("hashing a prompt", exc)
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any,
+                                   num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond ``num_computed_tokens`` (vLLM's own hit) that kvcore can load, and
         whether they load asynchronously."""
         try:
@@ -261,7 +262,7 @@ class SchedulerSide:
     def _load_spec(self, tracked: _Tracked, req_id: str, promised: tuple[int, int]) -> LoadSpec:
         """The blocks of tokens ``promised`` and the chunks that hold them."""
         start, end = promised
-        bs, k, chunk = self.block_size, self.blocks_per_chunk, self.chunk_size
+        bs, chunk = self.block_size, self.chunk_size
         block_ids = self._block_ids(req_id)
         first, last = start // chunk, -(-end // chunk)
         skip = (start - first * chunk) // bs

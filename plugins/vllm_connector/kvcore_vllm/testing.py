@@ -50,7 +50,7 @@ def build_tiny_llama(
     max_positions: int = 16384,
     seed: int = 0,
 ) -> Path:
-    """Write a random-weight Llama (bfloat16 safetensors) and a WordLevel tokenizer to ``directory``.
+    """Write a random-weight Llama (bf16 safetensors) and a WordLevel tokenizer to ``directory``.
 
     Reuses an existing build with the same parameters. Returns the directory.
     """
@@ -76,9 +76,10 @@ def build_tiny_llama(
         max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -260,7 +261,7 @@ def _drain(llm: Any) -> None:
     inner = getattr(core, "engine_core", None)
     scheduler = getattr(inner, "scheduler", None)
     for _ in range(1000):
-        if scheduler is None or not scheduler.has_finished_requests():
+        if core is None or scheduler is None or not scheduler.has_finished_requests():
             return
         core.get_output()
         time.sleep(0.002)
@@ -373,7 +374,7 @@ def inject_late_chunk_once() -> None:
 
     register_faulty_tiers()
     real = CacheEngine.acquire
-    fired = []
+    fired: list[bool] = []
 
     def acquire(self: Any, keys: Any, timeout_s: float | None = None) -> Any:
         lease = real(self, keys, timeout_s)

@@ -31,10 +31,10 @@ log = logging.getLogger("vllm.kvcore")
 MAX_PENDING = 4
 """Verifications waiting for the comparison thread; more are skipped (bounded memory)."""
 
-_live: "weakref.WeakSet[Verifier]" = weakref.WeakSet()
+_live: weakref.WeakSet[Verifier] = weakref.WeakSet()
 
 
-def live_verifiers() -> list["Verifier"]:
+def live_verifiers() -> list[Verifier]:
     """The verifiers of this process's workers (benchmarks, tests)."""
     return list(_live)
 
@@ -131,7 +131,7 @@ class Verifier:
     def _replace(self, key: ChunkKey, fresh: np.ndarray, chunk: int, worst: float) -> None:
         self.engine.metrics.inc("verify_mismatch_total")
         self.engine.delete([key])
-        self.engine.store_buffers([key], [fresh])
+        self.engine.store_buffers([key], [fresh.data])
         if not self._logged:
             self._logged = True
             log.error(

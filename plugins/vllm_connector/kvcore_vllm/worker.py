@@ -68,7 +68,7 @@ class BlockSource:
 class _LayerwiseLoad:
     """Scatters one step's leased chunks layer by layer in a thread; one event per layer."""
 
-    def __init__(self, worker: "WorkerSide", jobs: list[tuple[LoadSpec, Any, int]]) -> None:
+    def __init__(self, worker: WorkerSide, jobs: list[tuple[LoadSpec, Any, int]]) -> None:
         self.worker = worker
         self.jobs = jobs
         self.events = [threading.Event() for _ in worker.layers]
@@ -203,26 +203,27 @@ class WorkerSide:
                 out.append((j, lo, spec.block_ids[start:start + hi - lo]))
         return out
 
-    def _scatter(self, spec: LoadSpec, views: Sequence[Any], layers: list[int] | None = None) -> None:
+    def _scatter(self, spec: LoadSpec, views: Sequence[Any],
+                 layers: list[int] | None = None) -> None:
         """Copy leased chunk ``views`` into the spec's blocks (of ``layers``, default all)."""
         assert self.layout is not None
         k, bb = self.k, self.layout.block_bytes
         indices = layers if layers is not None else list(range(len(self.layers)))
-        whole = [(j, ids) for j, lo, ids in self._chunk_blocks(spec, len(views)) if len(ids) == k]
-        parts = [(j, lo, ids) for j, lo, ids in self._chunk_blocks(spec, len(views))
-                 if len(ids) < k]
+        placed = self._chunk_blocks(spec, len(views))
+        whole = [(j, ids) for j, _, ids in placed if len(ids) == k]
+        parts = [(j, lo, ids) for j, lo, ids in placed if len(ids) < k]
         if whole:
             ids = [b for _, chunk_ids in whole for b in chunk_ids]
             if layers is None:
                 scatter([views[j] for j, _ in whole], self.layers, self.layout, ids, k)
             else:
-                for l in indices:
-                    srcs = [views[j][l * k * bb:(l + 1) * k * bb] for j, _ in whole]
-                    scatter(srcs, [self.layers[l]], self.layout, ids, k)
+                for layer in indices:
+                    srcs = [views[j][layer * k * bb:(layer + 1) * k * bb] for j, _ in whole]
+                    scatter(srcs, [self.layers[layer]], self.layout, ids, k)
         for j, lo, ids in parts:  # a chunk loaded in part: its blocks, layer by layer
-            for l in indices:
-                src = views[j][(l * k + lo) * bb:(l * k + lo + len(ids)) * bb]
-                scatter([src], [self.layers[l]], self.layout, ids, len(ids))
+            for layer in indices:
+                src = views[j][(layer * k + lo) * bb:(layer * k + lo + len(ids)) * bb]
+                scatter([src], [self.layers[layer]], self.layout, ids, len(ids))
 
     def _failed_blocks(self, spec: LoadSpec, loaded_chunks: int) -> list[int]:
         """Block ids of the spec from chunk ``loaded_chunks`` on."""
@@ -435,7 +436,7 @@ class WorkerSide:
             if all(h.done() for h, _ in pending):
                 done.add(req_id)
             elif now - since > self.store_timeout_s:
-                for handle, source in pending:
+                for _, source in pending:
                     source.cancel()
                 self.engine.metrics.inc("vllm_store_timeouts_total")
                 self._warn_once("store", TimeoutError(

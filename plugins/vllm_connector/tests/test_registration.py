@@ -66,8 +66,8 @@ def test_chunk_size_check() -> None:
 
 
 def test_namespace_separates_models_ranks_and_tenants(model_config_dir) -> None:
-    from harness import LAYERS, make_vllm_config
     import torch
+    from harness import LAYERS, make_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from kvcore_vllm.namespace import engine_namespace
