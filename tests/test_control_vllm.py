@@ -133,7 +133,8 @@ def test_vllm_hits_in_metrics_and_pinned_prefix_survives(tmp_path: Path) -> None
                "KVCORE_CHUNK_SIZE": str(chunk), "KVCORE_CPU_SIZE": str(8 * chunk_bytes),
                "KVCORE_EVICTION": "lru", "KVCORE_CONTROLLER_URL": url,
                "KVCORE_CONTROLLER_TOKEN": TOKEN, "KVCORE_CONTROLLER_HEARTBEAT_S": "0.2",
-               "KVCORE_CONTROLLER_FLUSH_S": "0.05"}
+               "KVCORE_CONTROLLER_FLUSH_S": "0.05",
+               "KVCORE_VERIFY_SAMPLE": "0"}  # every hit is asserted: none sampled to recompute
         run = subprocess.run([sys.executable, str(script), str(spec), str(result)], env=env,
                              capture_output=True, text=True, timeout=540)
         assert run.returncode == 0 and result.exists(), (run.stdout + run.stderr)[-6000:]

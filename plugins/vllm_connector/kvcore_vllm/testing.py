@@ -169,6 +169,9 @@ def run_engine(
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # Tests and benchmarks assert or time every hit: no request is sampled to be recomputed
+        # for verification unless ``env`` asks for it.
+        "KVCORE_VERIFY_SAMPLE": "0",
     })
     child_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="kvcore-vllm-run-") as tmp:

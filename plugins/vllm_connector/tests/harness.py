@@ -68,7 +68,8 @@ def make_vllm_config(model_dir: Path, block_size: int = 16, chunk_size: int = 32
                      prefix_caching: bool = True, extra: dict[str, Any] | None = None,
                      max_batched: int = 2048, multi: bool = False) -> VllmConfig:
     """``multi``: kvcore as the child of vLLM's MultiConnector (as next to NixlConnector)."""
-    kvcore_extra = {"kvcore.chunk_size": chunk_size, **(extra or {})}
+    # No request is sampled for verification unless a test asks (kvcore.verify_sample).
+    kvcore_extra = {"kvcore.chunk_size": chunk_size, "kvcore.verify_sample": 0.0, **(extra or {})}
     if multi:
         transfer = KVTransferConfig(
             kv_connector="MultiConnector", kv_role="kv_both",
