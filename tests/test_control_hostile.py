@@ -102,7 +102,7 @@ def _raw(c: Controller, data: bytes, read: bool = True, timeout: float = 5.0) ->
         return b"".join(chunks)
 
 
-def test_large_bodies_without_the_token_are_refused_before_parsing(controller) -> None:
+def test_large_bodies_without_the_token_are_refused_before_parsing(controller, figure) -> None:
     """Issue 17: an 80 MiB JSON body on a path ending in /result was parsed before the 401
     (two requests: +960 MiB peak)."""
     before = controller.status("VmHWM")
@@ -116,7 +116,7 @@ def test_large_bodies_without_the_token_are_refused_before_parsing(controller) -
                      f"application/json\r\n{headers}\r\n".encode() + payload)
         answers.append(reply.split(b"\r\n", 1)[0])
     grown = (controller.status("VmHWM") - before) / 1024
-    print(f"\ntwo 80 MiB bodies without the token: answers {answers}, controller peak memory "
+    figure(f"two 80 MiB bodies without the token: answers {answers}, controller peak memory "
           f"+{grown:.0f} MiB")
     assert all(b" 413 " in a for a in answers)
     assert grown < 40
@@ -127,7 +127,7 @@ def test_large_bodies_without_the_token_are_refused_before_parsing(controller) -
     assert r.status_code == 404  # past the size check: an unknown instance
 
 
-def test_connections_that_never_finish_their_headers(controller) -> None:
+def test_connections_that_never_finish_their_headers(controller, figure) -> None:
     """Issue 17: 1,100 such connections made it unreachable and wrote 91 MB of tracebacks."""
     socks: list[socket.socket] = []
     opened = 0
@@ -175,7 +175,7 @@ def test_connections_that_never_finish_their_headers(controller) -> None:
         for s in socks:
             s.close()
     log = controller.log_bytes()
-    print(f"\n1,100 slow-header connections ({opened} opened): controller fds {fds_under_attack}, "
+    figure(f"1,100 slow-header connections ({opened} opened): controller fds {fds_under_attack}, "
           f"threads {threads_under_attack}, health answered after "
           f"{reachable_after if reachable_after is None else round(reachable_after, 2)} s, "
           f"{closed} attack connections closed by the server, error log {log} bytes")
@@ -226,7 +226,7 @@ def _bodies() -> Iterator[tuple[str, str, object]]:
         yield "POST", path, {"stats": {}}
 
 
-def test_no_5xx_from_any_input(controller) -> None:
+def test_no_5xx_from_any_input(controller, figure) -> None:
     """Issue 17: a lone surrogate in any string field gave a 500 from the 422 handler itself
     (20 of 20 on the open /v1/lookup)."""
     statuses: dict[int, int] = {}
@@ -252,12 +252,12 @@ def test_no_5xx_from_any_input(controller) -> None:
         assert client.get("/v1/instances", headers=AUTH).status_code == 200
         assert client.get("/metrics", headers=AUTH).status_code == 200
     fives = sum(n for s, n in statuses.items() if s >= 500)
-    print(f"\nsurrogate and nesting fuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}"
+    figure(f"surrogate and nesting fuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}"
           f", {fives} 5xx")
     assert fives == 0
 
 
-def test_malformed_instance_answers_to_move_are_409_not_500(controller) -> None:
+def test_malformed_instance_answers_to_move_are_409_not_500(controller, figure) -> None:
     """Issue 17: a malformed instance answer to /v1/move gave a 500."""
     answers = iter([{"keys": "abcd"}, {"keys": ["zz"]}, {"keys": [None]},
                     {"keys": ["ab" * 24], "chunks": "nope"}, {"keys": 7}])
@@ -295,7 +295,7 @@ def test_malformed_instance_answers_to_move_are_409_not_500(controller) -> None:
             stop.set()
             for thread in threads:
                 thread.join(5)
-    print(f"\nmalformed export answers to /v1/move: statuses {codes}")
+    figure(f"malformed export answers to /v1/move: statuses {codes}")
     assert codes == [409] * 5
 
 

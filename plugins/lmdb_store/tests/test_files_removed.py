@@ -41,7 +41,7 @@ def _intact(tier: LmdbTier, keys: list[bytes]) -> int:
 
 
 @pytest.mark.parametrize("victim", ["data.mdb", "lock.mdb", "both"])
-def test_files_removed_under_an_open_tier_lose_nothing(tmp_path, caplog, victim) -> None:
+def test_files_removed_under_an_open_tier_lose_nothing(tmp_path, caplog, victim, figure) -> None:
     caplog.set_level(logging.WARNING, logger="kvcore.lmdb")
     settings = LmdbSettings(path=tmp_path / "store", size=1024**3, inline_max=w.INLINE_MAX)
     tier = LmdbTier(settings, LRUPolicy)
@@ -58,7 +58,7 @@ def test_files_removed_under_an_open_tier_lose_nothing(tmp_path, caplog, victim)
     finally:
         fresh.close()
     lines = [r.getMessage() for r in caplog.records if "removed or replaced" in r.getMessage()]
-    print(f"\n{victim} deleted under an open tier: {60 - kept} of 60 stored chunks lost; "
+    figure(f"{victim} deleted under an open tier: {60 - kept} of 60 stored chunks lost; "
           f"log: {lines}")
     assert kept == 60
     assert len(lines) == 1 and "KVCORE_LMDB_PATH" in lines[0]
@@ -70,7 +70,7 @@ def _start(path: Path, worker_id: int) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("victim", ["lock.mdb", "data.mdb"])
-def test_files_removed_while_writer_processes_run(tmp_path, victim) -> None:
+def test_files_removed_while_writer_processes_run(tmp_path, victim, figure) -> None:
     """Two writer processes; a file is deleted mid-run and a third process opens the store
     afresh (which, with lock.mdb gone, used to take a second writer lock)."""
     path = tmp_path / "store"
@@ -111,8 +111,9 @@ def test_files_removed_while_writer_processes_run(tmp_path, victim) -> None:
     finally:
         tier.close()
     lost = len(stored) - kept
-    print(f"\n{victim} deleted while 2 writers ran (+1 opening afresh): {len(stored)} chunks "
-          f"stored ({refused} refused), {lost} lost ({100 * lost / max(1, len(stored)):.1f}%), exit codes "
+    figure(f"{victim} deleted while 2 writers ran (+1 opening afresh): {len(stored)} chunks "
+          f"stored ({refused} refused), {lost} lost "
+          f"({100 * lost / max(1, len(stored)):.1f}%), exit codes "
           f"{[o[0] for o in outs]}")
     assert all(o[2].count("removed or replaced") == 1 for o in outs[:2])  # one clear line each
     assert lost == 0

@@ -84,7 +84,7 @@ def _valid(key: bytes, view) -> bool:
     return view is not None and bytes(view) == chunk_payload(key, CHUNK).tobytes()
 
 
-def test_only_holders_of_the_secret_lease_or_read(served, agents) -> None:
+def test_only_holders_of_the_secret_lease_or_read(served, agents, figure) -> None:
     server, keys = served
     attempts = 0
     deadline = time.monotonic() + 5.0
@@ -111,7 +111,7 @@ def test_only_holders_of_the_secret_lease_or_read(served, agents) -> None:
             assert client.read(keys[:4]) == [None] * 4
         finally:
             client.close()
-    print(f"\n{attempts} unauthenticated lease attempts (+2 clients without/with a wrong "
+    figure(f"{attempts} unauthenticated lease attempts (+2 clients without/with a wrong "
           f"secret): {server.active_leases()} leases taken, {taken['auth_failures']} refused")
     assert server.active_leases() == 0
     assert server.agent.registrations == 0
@@ -136,7 +136,7 @@ def test_a_client_with_a_secret_refuses_a_server_without_one(agents) -> None:
         ChunkServer(_tier(keys), agents[0], "0.0.0.0:0")  # beyond loopback, no secret
 
 
-def test_leases_are_owned_and_capped(served, agents) -> None:
+def test_leases_are_owned_and_capped(served, agents, figure) -> None:
     server, keys = served
     greedy = PeerClient(server.address, agents[1], timeout_s=5.0, secret=SECRET)
     other = PeerClient(server.address, agents[1], timeout_s=5.0, secret=SECRET)
@@ -154,7 +154,7 @@ def test_leases_are_owned_and_capped(served, agents) -> None:
         # the owner still stores: 20 new chunks in its own tier
         new = peer_keys(CHUNKS + 20, "hostile")[CHUNKS:]
         stored = sum(bool(server.cpu.put_one(k, [chunk_payload(k, CHUNK)], None)) for k in new)
-        print(f"\none peer asked 200 leases of all {CHUNKS} chunks: {granted} granted "
+        figure(f"one peer asked 200 leases of all {CHUNKS} chunks: {granted} granted "
               f"(cap {server.limits.max_leases_per_peer}, half the budget), another peer "
               f"ended 0 of them, the owner then stored {stored} of 20 new chunks")
         assert granted <= server.limits.max_leases_per_peer
@@ -169,7 +169,7 @@ def test_leases_are_owned_and_capped(served, agents) -> None:
         other.close()
 
 
-def test_connections_are_bounded_and_time_out(served, agents) -> None:
+def test_connections_are_bounded_and_time_out(served, agents, figure) -> None:
     server, keys = served
     threads_before, rss_before = threading.active_count(), _rss_kib()
     socks = []
@@ -195,14 +195,14 @@ def test_connections_are_bounded_and_time_out(served, agents) -> None:
         client.close()
         for sock in socks:
             sock.close()
-    print(f"\n1,500 idle connections: +{threads_under} threads, +{rss_under:.0f} MiB, "
+    figure(f"1,500 idle connections: +{threads_under} threads, +{rss_under:.0f} MiB, "
           f"{server.counters['refused_connections']} refused at once, a real peer read after "
           f"{served_after if served_after is None else round(served_after, 2)} s")
     assert threads_under <= server.limits.max_connections + 2
     assert served_after is not None and served_after < 5
 
 
-def test_large_frames_are_refused_before_they_are_buffered(served) -> None:
+def test_large_frames_are_refused_before_they_are_buffered(served, figure) -> None:
     server, _ = served
     rss_before = _rss_kib()
     socks = []
@@ -214,7 +214,7 @@ def test_large_frames_are_refused_before_they_are_buffered(served) -> None:
     grown = (_rss_kib() - rss_before) / 1024
     for sock in socks:
         sock.close()
-    print(f"\n12 connections announcing 64 MiB frames: {closed} closed, +{grown:.0f} MiB")
+    figure(f"12 connections announcing 64 MiB frames: {closed} closed, +{grown:.0f} MiB")
     assert closed == 12
     assert grown < 32
 
@@ -244,7 +244,8 @@ def _authenticated(server: ChunkServer) -> socket.socket:
     return sock
 
 
-def test_every_malformed_frame_closes_that_connection_and_nothing_else(served, agents) -> None:
+def test_every_malformed_frame_closes_that_connection_and_nothing_else(
+        served, agents, figure) -> None:
     server, keys = served
     errors: list[BaseException] = []
     old_hook = threading.excepthook
@@ -258,7 +259,8 @@ def test_every_malformed_frame_closes_that_connection_and_nothing_else(served, a
                 sock = _connect(server) if pre_auth else _authenticated(server)
                 frames = {
                     "op not a string": lambda: wire.send(sock, {"op": 7}),
-                    "keys not a multiple of 24": lambda: wire.send(sock, {"op": "lease"}, b"x" * 25),
+                    "keys not a multiple of 24": lambda: wire.send(sock, {"op": "lease"},
+                                                                   b"x" * 25),
                     "lease id not an int": lambda: wire.send(sock, {"op": "release",
                                                                     "lease": {"a": 1}}),
                     "unknown op": lambda: wire.send(sock, {"op": "format-disk"}),
@@ -273,7 +275,7 @@ def test_every_malformed_frame_closes_that_connection_and_nothing_else(served, a
                 results[(name, pre_auth)] = _closed(sock)
                 sock.close()
                 assert bystander.contains(keys[:2]) == [True, True]  # still served
-        print(f"\n{len(results)} malformed frames: {sum(results.values())} closed their "
+        figure(f"{len(results)} malformed frames: {sum(results.values())} closed their "
               f"connection; uncaught errors in server threads: {len(errors)}; "
               f"malformed counted {server.counters['malformed']}")
         assert all(results.values()), [k for k, v in results.items() if not v]

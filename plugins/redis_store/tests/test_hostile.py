@@ -21,7 +21,8 @@ def _forged_manifest(total: int, part_size: int = 4 * MiB - 64) -> bytes:
     return struct.pack("<4sHHIQQ4x", MANIFEST_MAGIC, 1, 0, parts, total, part_size)
 
 
-def test_forged_manifest_allocates_nothing_before_its_parts_are_seen(redis_url, make_tier) -> None:
+def test_forged_manifest_allocates_nothing_before_its_parts_are_seen(
+        redis_url, make_tier, figure) -> None:
     tier = make_tier(redis_url)
     client = tier.client()
     keys = make_keys(3, tenant="forged")
@@ -39,7 +40,7 @@ def test_forged_manifest_allocates_nothing_before_its_parts_are_seen(redis_url, 
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    print(f"\nforged manifests claiming {[c // MiB for c in claims]} MiB: peak "
+    figure(f"forged manifests claiming {[c // MiB for c in claims]} MiB: peak "
           f"{peak / MiB:.1f} MiB allocated by the read (one real 3 MiB chunk read alongside)")
     assert values[:3] == [None, None, None]
     assert chunk_format.decode(real, values[3]) == payload
@@ -48,7 +49,8 @@ def test_forged_manifest_allocates_nothing_before_its_parts_are_seen(redis_url, 
     assert tier.stats["corrupt_removed"] == 3
 
 
-def test_full_server_never_leaves_a_manifest_without_its_parts(new_server, make_tier) -> None:
+def test_full_server_never_leaves_a_manifest_without_its_parts(
+        new_server, make_tier, figure) -> None:
     """Issue 17: with noeviction the manifest went in while its parts were refused; lookup
     promised 12 chunks and the load got 1, every round."""
     server = new_server(maxmemory="6mb", policy="noeviction")
@@ -70,7 +72,7 @@ def test_full_server_never_leaves_a_manifest_without_its_parts(new_server, make_
         # no part of a refused chunk is left behind either
         names = [Naming.part(tier.naming.chunk(k), 0) for k, ok in zip(keys, results) if not ok]
         assert not any(tier.client().exists(n) for n in names)
-    print(f"\nnoeviction server, 3 rounds of 12 split chunks: {stored_total} stored, "
+    figure(f"noeviction server, 3 rounds of 12 split chunks: {stored_total} stored, "
           f"{promised_not_loaded} promised by lookup but not loaded")
     assert promised_not_loaded == 0
     assert 0 < stored_total < 36  # the server really was full
