@@ -315,3 +315,29 @@ def test_bind_beyond_loopback_needs_tls_or_an_explicit_flag(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_bind_beyond_loopback_with_tls_serves_https(tmp_path) -> None:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl binary to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True, timeout=60)
+    proc, stderr_path = _start(tmp_path, "--host", "0.0.0.0",
+                               KVCORE_CONTROLLER_SSL_CERTFILE=str(cert),
+                               KVCORE_CONTROLLER_SSL_KEYFILE=str(key))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on https://0.0.0.0:" in line, open(stderr_path).read()
+        port = int(line.rsplit(":", 1)[1])
+        r = httpx.get(f"https://127.0.0.1:{port}/v1/health", verify=False, timeout=10)
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5)  # no plain HTTP
+    finally:
+        proc.terminate()
+        proc.wait(5)
