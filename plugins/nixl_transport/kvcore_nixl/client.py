@@ -30,6 +30,11 @@ POLL_S = 0.0001
 """Pause between polls of a transfer in flight."""
 
 
+_CLOSED = (wire.Closed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+"""What a kept connection that the server closed meanwhile raises (retried once; a timeout is
+not)."""
+
+
 class PeerError(ConnectionError):
     """The peer could not answer."""
 
@@ -125,7 +130,7 @@ class PeerClient:
                 except (OSError, wire.WireError, ValueError) as exc:
                     # A kept connection the server closed meanwhile (idle timeout): once more
                     # on a fresh one before the peer counts as down.
-                    retry = reused and not attempt
+                    retry = reused and not attempt and isinstance(exc, _CLOSED)
                     self._disconnect(down=not retry)
                     if not retry:
                         raise PeerError(

@@ -25,6 +25,10 @@ class WireError(ConnectionError):
     """The peer closed the connection or sent a malformed frame."""
 
 
+class Closed(WireError):
+    """The peer closed the connection (between frames or inside one)."""
+
+
 def send(sock: socket.socket, header: dict[str, Any], body: bytes = b"") -> None:
     head = json.dumps(header, separators=(",", ":")).encode()
     sock.sendall(_PREFIX.pack(len(head), len(body)) + head + body)
@@ -62,7 +66,7 @@ def _exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
                 sock.settimeout(left if timeout is None else min(left, timeout))
             part = sock.recv(min(n - len(data), 1 << 20))
             if not part:
-                raise WireError("connection closed")
+                raise Closed("connection closed")
             data += part
     except socket.timeout:
         raise WireError("frame not complete in time" if data or deadline else "timed out") \
