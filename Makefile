@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kvcore-installed
 PLUGINS := plugins/lmdb_store plugins/redis_store plugins/vllm_connector plugins/sglang_connector plugins/nixl_transport
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast demo bench clean docs
+.PHONY: install system-deps test test-fast fault demo bench clean docs
 
 install: $(STAMP)
 
@@ -57,6 +57,19 @@ test: install system-deps
 
 test-fast: PYTEST_ARGS += -m "not vllm"
 test-fast: test
+
+# The fault and fuzz suite of issue 17 alone (it also runs in `make test`): hostile peers,
+# forged values, a controller under attack, storage files pulled away. Loopback only, every loop
+# bounded; each root prints its "fault and fuzz figures" at the end.
+FAULT_TESTS := tests/test_control_hostile.py tests/test_keys.py \
+	plugins/redis_store/tests/test_hostile.py plugins/lmdb_store/tests/test_files_removed.py \
+	plugins/nixl_transport/tests/test_hostile.py
+
+fault: install system-deps
+	@failed=""; for t in $(FAULT_TESTS); do \
+		echo "== pytest $$t"; $(PY) -m pytest $$t -q $(PYTEST_ARGS) || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "== FAILED in:$$failed"; exit 1; fi
 
 demo: install
 	$(PY) -m demo $(DEMO_ARGS)

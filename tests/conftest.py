@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
+
 from kvcore.config import load_settings
 from kvcore.engine import CacheEngine
 

@@ -64,3 +64,40 @@ def test_numpy_and_list_tokens_agree() -> None:
 def test_out_of_range_token_is_rejected() -> None:
     with pytest.raises(ValueError, match="token ids"):
         chunk_keys(Namespace("m"), [-1] * 16, 16)
+
+
+def test_tenant_salts_the_chained_hash_not_only_the_namespace_digest() -> None:
+    """Issue 17: the 16-byte chained hash was the same for every tenant (64-bit separation)."""
+    from kvcore.keys import NAMESPACE_BYTES
+
+    tokens = list(range(64))
+    shared = chunk_keys(Namespace("m"), tokens, 16)
+    tenants = {t: chunk_keys(Namespace("m", tenant=t), tokens, 16) for t in ("a", "b", "acme")}
+    hashes = {k[NAMESPACE_BYTES:] for keys in [shared, *tenants.values()] for k in keys}
+    assert len(hashes) == 4 * 4  # no chained hash shared between any two tenants
+    # A forged namespace digest (say, a 64-bit collision with tenant a's) still never matches:
+    forged = chunk_keys(Namespace("m", tenant="a").digest, tokens, 16, tenant="b")
+    assert not set(forged) & set(tenants["a"])
+    # Given the digest and the tenant, anyone (the controller) computes the same keys.
+    assert chunk_keys(Namespace("m", tenant="a").digest, tokens, 16, tenant="a") == tenants["a"]
+    with pytest.raises(ValueError, match="tenant"):
+        chunk_keys(Namespace("m", tenant="a"), tokens, 16, tenant="b")
+
+
+@pytest.mark.parametrize("tokens", [[1.7] * 16, [1.0] * 16, np.full(16, 1.7),
+                                    [True] * 16, ["1"] * 16, [1] * 15 + [2.5]])
+def test_non_integer_token_ids_are_refused_not_truncated(tokens: object) -> None:
+    """Issue 17: [1.7] keyed like [1]."""
+    with pytest.raises(TypeError, match="integers"):
+        chunk_keys(Namespace("m"), tokens, 16)  # type: ignore[arg-type]
+
+
+def test_integer_token_ids_of_any_integer_type_agree() -> None:
+    ns = Namespace("m")
+    ints = list(range(32))
+    assert (chunk_keys(ns, ints, 16) == chunk_keys(ns, np.arange(32, dtype=np.uint32), 16)
+            == chunk_keys(ns, np.arange(32, dtype=np.int16), 16)
+            == chunk_keys(ns, [np.int64(i) for i in ints], 16))
+    assert chunk_keys(ns, [], 16) == []
+    with pytest.raises(ValueError, match="token ids"):
+        chunk_keys(ns, [2**64] * 16, 16)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvcore.engine import CacheEngine
-from kvcore.keys import ChunkKey
+from kvcore.keys import ChunkKey, chunk_keys
 
 Op = Callable[[CacheEngine, dict[str, Any]], dict[str, Any]]
 
@@ -19,7 +19,7 @@ class CommandError(ValueError):
 
 def _keys(engine: CacheEngine, args: dict[str, Any]) -> list[ChunkKey]:
     namespace = bytes.fromhex(args["namespace"])
-    return engine.keys_for(namespace, args["tokens"])  # type: ignore[arg-type]
+    return chunk_keys(namespace, args["tokens"], engine.chunk_size, tenant=args.get("tenant") or "")
 
 
 def _lower(engine: CacheEngine, tier: str) -> Any:

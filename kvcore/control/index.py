@@ -97,27 +97,28 @@ class GlobalIndex:
             del self.instances[instance_id]
         return gone
 
-    def lookup(self, namespace: bytes, tokens: Sequence[int]) -> list[tuple[InstanceState, int,
-                                                                           dict[str, int]]]:
+    def lookup(self, namespace: bytes, tokens: Sequence[int], tenant: str = ""
+               ) -> list[tuple[InstanceState, int, dict[str, int]]]:
         """For every instance: leading tokens cached in any tier, and per tier."""
         keys_by_size: dict[int, list[ChunkKey]] = {}
         out = []
         for state in self.instances.values():
             size = state.chunk_size
             if size not in keys_by_size:
-                keys_by_size[size] = chunk_keys(namespace, tokens, size)
+                keys_by_size[size] = chunk_keys(namespace, tokens, size, tenant=tenant)
             chunks, by_tier = state.leading(keys_by_size[size])
             out.append((state, chunks * size, {t: n * size for t, n in by_tier.items()}))
         return out
 
-    def route(self, namespace: bytes, tokens: Sequence[int]) -> tuple[InstanceState, int] | None:
+    def route(self, namespace: bytes, tokens: Sequence[int], tenant: str = ""
+              ) -> tuple[InstanceState, int] | None:
         """The instance with the longest cached prefix.
 
         Ties go to the one holding more of it in its fastest tier, then to the one holding
         fewer chunks in all (a proxy for load), then by id.
         """
         best = None
-        for state, n, by_tier in self.lookup(namespace, tokens):
+        for state, n, by_tier in self.lookup(namespace, tokens, tenant):
             fast = by_tier.get(state.tiers[0], 0) if state.tiers else 0
             load = sum(len(h) for h in state.held.values())
             rank = (-n, -fast, load, state.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kvcore.keys import KEY_BYTES, NAMESPACE_BYTES, Namespace
 
@@ -16,12 +16,40 @@ KeyHex = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{2 * KEY_BYTES}}
 """A chunk key as lowercase hex (48 characters)."""
 NamespaceId = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{2 * NAMESPACE_BYTES}}}$")]
 """A namespace digest as lowercase hex (16 characters)."""
-TokenId = Annotated[int, Field(ge=0, le=2**32 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
+"""A token id: an integer (``1.0`` or ``"1"`` are refused, never truncated)."""
 MAX_TOKENS_DEFAULT = 262144
 
 
+def has_surrogate(value: Any, depth: int = 0) -> bool:
+    """Whether a decoded JSON value holds a lone surrogate (``"\\ud800"``) anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return any(has_surrogate(k, depth + 1) or has_surrogate(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_surrogate(v, depth + 1) for v in value)
+    return False
+
+
 class Strict(BaseModel):
+    """A request body: unknown fields and strings that are not valid Unicode are refused."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if has_surrogate(data):
+            raise ValueError("a string holds a lone surrogate (not valid Unicode)")
+        return data
 
 
 class NamespaceSpec(Strict):
@@ -49,6 +77,23 @@ class PrefixRequest(Strict):
 
     namespace: NamespaceSpec | NamespaceId
     tokens: list[TokenId] = Field(max_length=MAX_TOKENS_DEFAULT)
+    tenant: str | None = Field(
+        None, max_length=256,
+        description="Tenant of a namespace given by id (its tenant salts the chunk hash); "
+        "with namespace fields, their own tenant is used.")
+
+    @model_validator(mode="after")
+    def _one_tenant(self) -> "PrefixRequest":
+        if isinstance(self.namespace, NamespaceSpec) and self.tenant not in (
+                None, self.namespace.tenant):
+            raise ValueError("tenant differs from namespace.tenant")
+        return self
+
+    def tenant_of(self) -> str:
+        """The tenant whose keys the request names (the chunk hash is salted with it)."""
+        if isinstance(self.namespace, NamespaceSpec):
+            return self.namespace.tenant
+        return self.tenant or ""
 
 
 class TierUsageModel(BaseModel):

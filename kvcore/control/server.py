@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 import time
 import uuid
 from collections import deque
@@ -29,11 +31,37 @@ from kvcore.control import models as m
 from kvcore.control.index import GlobalIndex, InstanceState
 from kvcore.control.prometheus import CONTENT_TYPE, Families
 from kvcore.control.settings import ControllerSettings
+from kvcore.keys import KEY_BYTES
 from kvcore.metrics import Metrics
+
+_KEY_HEX = re.compile(rf"[0-9a-f]{{{2 * KEY_BYTES}}}")
 
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever strings it holds: lone surrogates come out escaped instead
+    of failing the response with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                              separators=(",", ":")).encode()
+
+
+def _printable(value: Any) -> Any:
+    """A validation error's parts with lone surrogates replaced (U+FFFD)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -135,18 +163,25 @@ class Controller:
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over a size limit with 413, before reading them
-    whole (by ``Content-Length``, and by counting for chunked bodies)."""
+    whole (by ``Content-Length``, and by counting for chunked bodies).
 
-    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+    The limit depends on the path and on whether the caller holds the token
+    (``limit_for(path, authorized)``): the large limit of instance results is only for callers
+    with the token, so nobody without it gets more than ``max_body_bytes`` parsed."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str, bool], int],
+                 authorized: Callable[[bytes | None], bool]) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.authorized = authorized
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        limit = self.limit_for(scope["path"], self.authorized(headers.get(b"authorization")))
+        length = headers.get(b"content-length")
         too_big = f"request body over the limit of {limit} bytes (KVCORE_CONTROLLER_MAX_BODY_BYTES)"
         if length is not None:
             if not length.isdigit():
@@ -154,7 +189,8 @@ class BodyLimit:
                     scope, receive, send)
                 return
             if int(length) > limit:
-                await JSONResponse({"detail": too_big}, 413)(scope, receive, send)
+                await JSONResponse({"detail": too_big}, 413, headers={"Connection": "close"})(
+                    scope, receive, send)
                 return
         received = 0
 
@@ -188,7 +224,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="kvcore controller", version=kvcore.__version__, lifespan=lifespan,
-                  description="See and steer the KV cache of every kvcore instance.")
+                  description="See and steer the KV cache of every kvcore instance.",
+                  default_response_class=SafeJSONResponse)
     app.state.controller = ctl
     bearer = HTTPBearer(auto_error=False, description="KVCORE_CONTROLLER_TOKEN")
 
@@ -211,22 +248,40 @@ def create_app(settings: ControllerSettings) -> FastAPI:
 
     # -- limits and errors ---------------------------------------------------------------------
 
-    def body_limit(path: str) -> int:
-        if path.endswith("/result"):
+    def body_limit(path: str, authorized: bool) -> int:
+        if authorized and path.endswith("/result"):
             return settings.max_transfer_bytes * 4 // 3 + (1 << 20)
         return settings.max_body_bytes
 
-    app.add_middleware(BodyLimit, limit_for=body_limit)
+    def holds_token(header: bytes | None) -> bool:
+        if not header or not header[:7].lower() == b"bearer ":
+            return False
+        return hmac.compare_digest(header[7:].strip(), ctl.token)
+
+    app.add_middleware(BodyLimit, limit_for=body_limit, authorized=holds_token)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        errors = _printable(jsonable_encoder(exc.errors()))
         parts = []
         for error in errors[:5]:
             where = ".".join(str(p) for p in error.get("loc", ()))
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
-        return JSONResponse({"detail": errors, "message": "invalid request: " + "; ".join(parts)},
-                            status_code=422)
+        return SafeJSONResponse(
+            {"detail": errors, "message": "invalid request: " + "; ".join(parts)},
+            status_code=422)
+
+    def tenant_of(req: m.PrefixRequest) -> str:
+        return req.tenant_of()
+
+    def answered_keys(result: dict[str, Any], who: str) -> list[str]:
+        """The chunk keys an instance's answer names; 409 when they are not well-formed."""
+        keys = result.get("keys", [])
+        if not isinstance(keys, list) or not all(
+                isinstance(k, str) and _KEY_HEX.fullmatch(k) for k in keys):
+            raise HTTPException(409, f"{who}: malformed answer (keys must be a list of "
+                                     f"{2 * KEY_BYTES}-hex-digit chunk keys)")
+        return keys
 
     def check_tokens(tokens: list[int]) -> None:
         if len(tokens) > settings.max_tokens:
@@ -272,7 +327,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     async def lookup(req: m.PrefixRequest) -> m.LookupResponse:
         """How many leading tokens of a prompt each instance holds, in any tier and per tier."""
         check_tokens(req.tokens)
-        rows = ctl.index.lookup(m.namespace_digest(req.namespace), req.tokens)
+        rows = ctl.index.lookup(m.namespace_digest(req.namespace), req.tokens, tenant_of(req))
         ctl.metrics.inc("controller_lookups_total")
         return m.LookupResponse(prompt_tokens=len(req.tokens), instances=[
             m.InstanceHolding(instance=s.id, name=s.name, tokens=n, by_tier=by_tier)
@@ -283,7 +338,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     async def route(req: m.PrefixRequest) -> m.RouteResponse:
         """The instance with the longest cached prefix of the prompt (cache-aware routing)."""
         check_tokens(req.tokens)
-        best = ctl.index.route(m.namespace_digest(req.namespace), req.tokens)
+        best = ctl.index.route(m.namespace_digest(req.namespace), req.tokens, tenant_of(req))
         ctl.metrics.inc("controller_routes_total")
         if best is None:
             return m.RouteResponse(instance=None)
@@ -342,7 +397,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         ids = [req.instance] if req.instance else list(ctl.index.instances)
         ns = m.namespace_digest(req.namespace)
         return m.MutationResponse(results=await ctl.dispatch_many(
-            ids, op, {"namespace": ns.hex(), "tokens": req.tokens}))
+            ids, op, {"namespace": ns.hex(), "tokens": req.tokens, "tenant": tenant_of(req)}))
 
     @app.post("/v1/pin", response_model=m.MutationResponse, tags=["mutate"],
               dependencies=[Depends(mutating)], responses={**ERRORS, **NOT_FOUND})
@@ -370,23 +425,29 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             raise HTTPException(409, f"chunk sizes differ ({src.chunk_size} at {src.id}, "
                                      f"{dst.chunk_size} at {dst.id})")
         ns = m.namespace_digest(req.namespace).hex()
+        tenant = tenant_of(req)
         delete = req.mode == "move"
         if src.id == dst.id:
             r = await ctl.dispatch(src.id, "copy_tiers", {
-                "namespace": ns, "tokens": req.tokens, "source_tier": req.source.tier,
+                "namespace": ns, "tokens": req.tokens, "tenant": tenant,
+                "source_tier": req.source.tier,
                 "target_tier": req.target.tier, "delete_source": delete})
             if not r.ok:
                 raise HTTPException(409, f"instance {src.id}: {r.error}")
-            keys = r.result.get("keys", [])
+            keys = answered_keys(r.result, f"instance {src.id}")
         else:
             exported = await ctl.dispatch(src.id, "export", {
-                "namespace": ns, "tokens": req.tokens, "tier": req.source.tier,
+                "namespace": ns, "tokens": req.tokens, "tenant": tenant, "tier": req.source.tier,
                 "max_bytes": settings.max_transfer_bytes})
             if not exported.ok:
                 raise HTTPException(409, f"source {src.id}: {exported.error}")
-            keys = exported.result.get("keys", [])
+            keys = answered_keys(exported.result, f"source {src.id}")
+            chunks = exported.result.get("chunks", [])
+            if not isinstance(chunks, list) or len(chunks) != len(keys) or not all(
+                    isinstance(c, str) for c in chunks):
+                raise HTTPException(409, f"source {src.id}: malformed export answer (chunks)")
             imported = await ctl.dispatch(dst.id, "import", {
-                "keys": keys, "chunks": exported.result.get("chunks", []),
+                "keys": keys, "chunks": chunks,
                 "tier": req.target.tier})
             if not imported.ok:
                 raise HTTPException(409, f"target {dst.id}: {imported.error}")

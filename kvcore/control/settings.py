@@ -51,6 +51,23 @@ class ControllerSettings(PluginSettings):
         "64MiB", description="Largest move between instances (chunk bytes relayed by the "
         "controller) and largest instance result body."
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that has not sent a request's headers this long "
+        "after it opened (or after its last response) is closed (slow-header attacks)."
+    )
+    max_connections: int = Field(
+        512, gt=0, description="Open connections the controller accepts; beyond, new ones are "
+        "closed at once (each instance keeps about two)."
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close "
+                                "after this.")
+    ssl_certfile: str = Field("", description="TLS certificate (PEM) of `kvcore controller`: "
+                              "with ssl_keyfile it serves https.")
+    ssl_keyfile: str = Field("", description="TLS private key (PEM) of `kvcore controller`.")
+    allow_plain_http: bool = Field(
+        False, description="Serve plain HTTP on an address beyond loopback (the bearer token "
+        "then crosses the network in clear text); without it, or TLS, such a bind is refused."
+    )
     auth_reads: bool = Field(
         False, description="Require the token on read endpoints too (lookup, route, instances)."
     )

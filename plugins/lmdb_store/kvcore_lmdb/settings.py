@@ -13,7 +13,10 @@ from kvcore.config import ByteSize, PluginSettings
 
 
 def _default_path() -> str:
-    return str(Path.home() / ".cache" / "kvcore" / "lmdb")
+    """``$XDG_STATE_HOME/kvcore/lmdb`` (``~/.local/state/kvcore/lmdb``): not under ~/.cache,
+    whose files cache cleaners delete while the store is open."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "kvcore" / "lmdb")
 
 
 class LmdbSettings(PluginSettings):
@@ -42,6 +45,12 @@ class LmdbSettings(PluginSettings):
         False,
         description="fsync payload files before indexing them (survive power loss, not only "
         "process crashes); slower.",
+    )
+    check_s: float = Field(
+        1.0, gt=0,
+        description="Seconds between checks that the index files (data.mdb, lock.mdb) are still "
+        "the ones opened; every write checks too. Removed or replaced files are reopened (a "
+        "removed data.mdb is first restored from the open copy) with one warning.",
     )
     retry_s: float = Field(
         30.0, gt=0, description="Seconds between attempts to open a store that failed to open."

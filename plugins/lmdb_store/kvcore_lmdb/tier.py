@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -71,15 +73,27 @@ class LmdbTier(Tier):
         self._touched_at = time.monotonic()
         self._flushing = False
         self._logged: set[str] = set()
-        self.stats = {"corrupt": 0, "evicted": 0, "errors": 0, "orphans_removed": 0}
+        self._checked_at = time.monotonic()
+        self.stats = {"corrupt": 0, "evicted": 0, "errors": 0, "orphans_removed": 0,
+                      "reopened": 0, "recovered": 0}
         self._available()
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _available(self) -> index.Store | None:
-        """The open store, opening it if needed (retried every ``retry_s`` after a failure)."""
-        if self._store is not None and self._pid == os.getpid():
-            return self._store
+    def _available(self, check: bool = False) -> index.Store | None:
+        """The open store, opening it if needed (retried every ``retry_s`` after a failure).
+
+        Every ``check_s`` (and always with ``check``) it first makes sure the index files are
+        still the ones it opened (see :meth:`_check_files`).
+        """
+        store = self._store
+        if store is not None and self._pid == os.getpid():
+            if check or store.closed or \
+                    time.monotonic() - self._checked_at >= self.settings.check_s:
+                self._check_files(store)
+                store = self._store
+            if store is not None:
+                return store
         with self._lock:
             if self._store is not None and self._pid == os.getpid():
                 return self._store
@@ -96,8 +110,98 @@ class LmdbTier(Tier):
                 self._report("open", exc)
                 return None
             self._store, self._pid, self._known_gen = store, os.getpid(), -1
+            self._checked_at = time.monotonic()
         self.collect_orphans()
         return self._store
+
+    @contextmanager
+    def _use(self, check: bool = False) -> Iterator[index.Store | None]:
+        """The open store, held open for the LMDB calls of the block (None: unavailable)."""
+        for _ in range(2):
+            store = self._available(check)
+            if store is None:
+                break
+            with store.use() as ok:
+                if ok:
+                    yield store
+                    return
+            check = True  # closed meanwhile (reopened by another thread): take the new one
+        yield None
+
+    # -- files pulled away ---------------------------------------------------------------------
+
+    def _check_files(self, store: index.Store) -> None:
+        """Reopen the store if its data.mdb or lock.mdb was removed or replaced.
+
+        Without this a process keeps writing into a deleted data.mdb (every chunk it stores is
+        lost when it exits), or, with lock.mdb gone, a process opening the store afresh takes a
+        second writer lock and two writers corrupt the B-tree (LMDB then aborts the process).
+        A removed data.mdb is restored first from this process's still-open copy of it.
+        """
+        self._checked_at = time.monotonic()
+        directory = self.root / "index"
+        changed = store.files_changed(directory)
+        if not changed and not store.closed:
+            return
+        if not changed:  # another tier of this process reopened the shared environment
+            with self._lock:
+                if self._store is store:
+                    try:
+                        self._store = index.reopen_env(directory, store,
+                                                       map_size_for(self.budget),
+                                                       self.settings.fsync)
+                    except (OSError, lmdb.Error) as exc:
+                        self._store = None
+                        self._report("reopen", exc)
+                    self._known_gen = -1
+            return
+        with self._lock:
+            if self._store is not store:
+                return  # another thread reopened it already
+            recovered = self._restore(store, directory) if "data.mdb" in changed else None
+            try:
+                fresh = index.reopen_env(directory, store, map_size_for(self.budget),
+                                         self.settings.fsync)
+            except (OSError, lmdb.Error) as exc:
+                self._store = None
+                self._next_try = time.monotonic() + self.settings.retry_s
+                self._report("reopen", exc)
+                return
+            self._store, self._known_gen = fresh, -1
+            self.stats["reopened"] += 1
+        if recovered is not None:
+            self.stats["recovered"] += recovered
+            what = f"restored {recovered} indexed chunk(s) from the copy this process had open"
+        elif "data.mdb" in changed:
+            what = ("another process recreated it first: chunks indexed only in the old file "
+                    "are lost (their payload files are collected as orphans)")
+        else:
+            what = "no chunk lost"
+        log.warning("kvcore-lmdb: %s under KVCORE_LMDB_PATH=%r was removed or replaced while "
+                    "open; reopened the store (%s)", " and ".join(changed), str(self.root), what)
+
+    def _restore(self, store: index.Store, directory: Path) -> int | None:
+        """Copy the open (deleted) data.mdb back into place; the chunks restored, or None."""
+        if os.path.exists(directory / "data.mdb"):
+            return None  # replaced by another file: that one is the store now
+        tmp = directory.parent / f".index-restore-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            with store.use() as ok:
+                if not ok:
+                    return None
+                store.env.copy(str(tmp))
+                with store.env.begin(db=store.entries) as txn:
+                    count = txn.stat(store.entries)["entries"]
+            os.link(tmp / "data.mdb", directory / "data.mdb")  # fails if another process won
+            return int(count)
+        except (OSError, lmdb.Error) as exc:
+            self._report("restore", exc)
+            return None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def collect_orphans(self, age_s: float = files.ORPHAN_AGE_S) -> int:
         """Remove payload files that no index entry points at (left by crashed writers)."""
@@ -107,8 +211,11 @@ class LmdbTier(Tier):
 
         def indexed(name: str) -> bool:
             key = bytes.fromhex(name.split(".")[0])
-            with store.env.begin(db=store.entries) as txn:
-                raw = txn.get(key)
+            with store.use() as ok:
+                if not ok:
+                    raise lmdb.Error("the store was reopened")
+                with store.env.begin(db=store.entries) as txn:
+                    raw = txn.get(key)
             return raw is not None and Entry.unpack(raw).name == name
 
         try:
@@ -122,27 +229,27 @@ class LmdbTier(Tier):
     # -- reading -------------------------------------------------------------------------------
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        store = self._available()
-        if store is None:
-            return [False] * len(keys)
-        with store.env.begin(db=store.entries) as txn:
-            return [txn.get(key) is not None for key in keys]
+        with self._use() as store:
+            if store is None:
+                return [False] * len(keys)
+            with store.env.begin(db=store.entries) as txn:
+                return [txn.get(key) is not None for key in keys]
 
     def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        store = self._available()
-        if store is None:
-            return [None] * len(keys)
         out: list[Buffer | None] = [None] * len(keys)
         found: dict[int, Entry] = {}
-        with store.env.begin() as txn:
-            for i, key in enumerate(keys):
-                raw = txn.get(key, db=store.entries)
-                if raw is None:
-                    continue
-                found[i] = entry = Entry.unpack(raw)
-                if not entry.name:
-                    value = txn.get(key, db=store.inline)
-                    out[i] = bytes(value) if value is not None else None
+        with self._use() as store:
+            if store is None:
+                return out
+            with store.env.begin() as txn:
+                for i, key in enumerate(keys):
+                    raw = txn.get(key, db=store.entries)
+                    if raw is None:
+                        continue
+                    found[i] = entry = Entry.unpack(raw)
+                    if not entry.name:
+                        value = txn.get(key, db=store.inline)
+                        out[i] = bytes(value) if value is not None else None
         for i, entry in found.items():
             if entry.name:
                 out[i] = files.read(self.chunks_dir, entry.name, entry.size)
@@ -153,7 +260,8 @@ class LmdbTier(Tier):
                 bad.append((keys[i], entry.name))
                 out[i] = None
         if bad:
-            bad = self._still_indexed(store, bad)  # evicted meanwhile by another process: a miss
+            with self._use() as store:  # evicted meanwhile by another process: a miss
+                bad = self._still_indexed(store, bad) if store is not None else []
         if bad:
             self.stats["corrupt"] += len(bad)
             self._report("read", ValueError(
@@ -237,6 +345,8 @@ class LmdbTier(Tier):
         admitted: list[ChunkKey] = []
 
         def index_them(txn: lmdb.Transaction, state: dict) -> None:
+            store = self._store  # the one _write runs in (reopened if its files were replaced)
+            assert store is not None
             batch = {key for _, key, _, _, _ in staged}
             for i, key, size, name, value in staged:
                 if txn.get(key, db=store.entries) is not None:  # another process was faster
@@ -326,30 +436,39 @@ class LmdbTier(Tier):
         ``on_fail`` are removed and the local policy is marked stale.
         """
         with self._lock:
-            store = self._store
-            if store is None:
-                return False
-            state: dict = {"unlink": [], "evicted": [], "changed": False}
-            try:
-                with store.env.begin(write=True) as txn:
-                    state["gen"] = gen = get_u64(txn, store.meta, META_GEN)
-                    in_sync = gen == self._known_gen
-                    state["used"] = get_u64(txn, store.meta, META_USED)
-                    state["chunks"] = get_u64(txn, store.meta, META_CHUNKS)
-                    state["seq"] = get_u64(txn, store.meta, META_SEQ)
-                    self._flush_touches(txn, state)
-                    body(txn, state)
-                    put_u64(txn, store.meta, META_USED, state["used"])
-                    put_u64(txn, store.meta, META_CHUNKS, state["chunks"])
-                    put_u64(txn, store.meta, META_SEQ, state["seq"])
-                    new_gen = gen + 1 if state["changed"] else gen
-                    put_u64(txn, store.meta, META_GEN, new_gen)
-            except (lmdb.Error, OSError) as exc:
-                self._known_gen = -1
+            for _attempt in range(3):
+                store = self._store
+                if store is not None and self._pid == os.getpid():
+                    self._check_files(store)  # never write into replaced or removed files
+                    store = self._store
+                if store is None:
+                    return False
+                state: dict = {"unlink": [], "evicted": [], "changed": False}
+                stale = False
+                try:
+                    with store.use() as usable:
+                        if not usable:
+                            stale = True
+                        else:
+                            with store.write_lock():
+                                # checked again holding the lock: a writer that opened the
+                                # store afresh meanwhile is not writing now
+                                stale = bool(store.files_changed(self.root / "index"))
+                                if not stale:
+                                    gen, new_gen, in_sync = self._commit(store, body, state)
+                except (lmdb.Error, OSError) as exc:
+                    self._known_gen = -1
+                    for name in on_fail:
+                        if name:
+                            files.remove(self.chunks_dir, name)
+                    self._report("index", exc)
+                    return False
+                if not stale:
+                    break
+            else:
                 for name in on_fail:
                     if name:
                         files.remove(self.chunks_dir, name)
-                self._report("index", exc)
                 return False
             if in_sync or self._known_gen == gen:
                 self._known_gen = new_gen
@@ -359,6 +478,25 @@ class LmdbTier(Tier):
                 files.remove(self.chunks_dir, name)
         self._emit("evict", state["evicted"])
         return True
+
+    def _commit(self, store: index.Store, body: Callable[[lmdb.Transaction, dict], None],
+                state: dict) -> tuple[int, int, bool]:
+        """One write transaction: totals into ``state``, ``body``, totals back; (gen, new gen,
+        whether this process's policy was in sync)."""
+        with store.env.begin(write=True) as txn:
+            state["gen"] = gen = get_u64(txn, store.meta, META_GEN)
+            in_sync = gen == self._known_gen
+            state["used"] = get_u64(txn, store.meta, META_USED)
+            state["chunks"] = get_u64(txn, store.meta, META_CHUNKS)
+            state["seq"] = get_u64(txn, store.meta, META_SEQ)
+            self._flush_touches(txn, state)
+            body(txn, state)
+            put_u64(txn, store.meta, META_USED, state["used"])
+            put_u64(txn, store.meta, META_CHUNKS, state["chunks"])
+            put_u64(txn, store.meta, META_SEQ, state["seq"])
+            new_gen = gen + 1 if state["changed"] else gen
+            put_u64(txn, store.meta, META_GEN, new_gen)
+        return gen, new_gen, in_sync
 
     def _flush_touches(self, txn: lmdb.Transaction, state: dict) -> None:
         store = self._store
@@ -390,6 +528,8 @@ class LmdbTier(Tier):
         removed: list[ChunkKey] = []
 
         def drop(txn: lmdb.Transaction, state: dict) -> None:
+            store = self._store  # the one _write runs in (reopened if its files were replaced)
+            assert store is not None
             for key, name in victims:
                 raw = txn.get(key, db=store.entries)
                 if raw is None:
@@ -424,6 +564,8 @@ class LmdbTier(Tier):
         count = [0]
 
         def mark(txn: lmdb.Transaction, state: dict) -> None:
+            store = self._store  # the one _write runs in (reopened if its files were replaced)
+            assert store is not None
             for key in keys:
                 raw = txn.get(key, db=store.entries)
                 if raw is None:
@@ -444,20 +586,20 @@ class LmdbTier(Tier):
         return count[0]
 
     def usage(self) -> TierUsage:
-        store = self._available()
-        if store is None:
-            return TierUsage(0, self.budget, 0)
-        with store.env.begin(db=store.meta) as txn:
-            used = get_u64(txn, store.meta, META_USED)
-            chunks = get_u64(txn, store.meta, META_CHUNKS)
+        with self._use() as store:
+            if store is None:
+                return TierUsage(0, self.budget, 0)
+            with store.env.begin(db=store.meta) as txn:
+                used = get_u64(txn, store.meta, META_USED)
+                chunks = get_u64(txn, store.meta, META_CHUNKS)
         return TierUsage(used, self.budget, chunks)
 
     def iter_keys(self) -> Iterator[ChunkKey]:
-        store = self._available()
-        if store is None:
-            return iter(())
-        with store.env.begin(db=store.entries) as txn:
-            keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        with self._use() as store:
+            if store is None:
+                return iter(())
+            with store.env.begin(db=store.entries) as txn:
+                keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         return iter(keys)
 
     def close(self) -> None:
@@ -465,7 +607,7 @@ class LmdbTier(Tier):
             if self._store is not None and self._pid == os.getpid():
                 if self._touched:
                     self.flush_hits()
-                index.close_env(self.root / "index")
+                index.close_env(self.root / "index", self._store)
             self._store = None
             self._next_try = float("inf")
 

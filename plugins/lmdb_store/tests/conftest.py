@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
+
 sys.path.insert(0, os.path.dirname(__file__))  # for `import lmdb_workers` (importlib mode)
 
 

@@ -97,6 +97,31 @@ def mixed_worker(path: str, worker_id: int) -> None:
     sys.exit(1 if bad else 0)
 
 
+STEADY_BATCHES = 150
+
+
+def steady_writer(path: str, worker_id: int) -> None:
+    """Store STEADY_BATCHES batches of 2 chunks (a budget that never evicts), reading some
+    back; print each batch's outcome. Waits for ``PATH.go`` before each batch after the tenth
+    so the test can pull files away while writers run."""
+    tier = LmdbTier(LmdbSettings(path=path, size=1024**3, inline_max=INLINE_MAX, check_s=0.05),
+                    LRUPolicy)
+    keys = keys_for(f"steady-{worker_id}", 2 * STEADY_BATCHES)
+    bad = 0
+    for b in range(STEADY_BATCHES):
+        batch = keys[2 * b: 2 * b + 2]
+        ok = tier.put([(k, chunk_format.encode(k, payload_for(k, 512, 40_000), 2))
+                       for k in batch])
+        print(f"batch {b} {int(ok[0])}{int(ok[1])}", flush=True)
+        for key, value in zip(batch, tier.get(batch)):
+            if value is not None and bytes(value) != b"".join(bytes(p) for p in chunk_format.encode(
+                    key, payload_for(key, 512, 40_000), 2)):
+                bad += 1
+    tier.close()
+    print(f"done bad {bad}", flush=True)
+    sys.exit(1 if bad else 0)
+
+
 def engine_worker(path: str, load: int) -> None:
     """A real engine built from KVCORE_* settings: store 8 chunks, or look them up and load."""
     from kvcore.engine import open_engine
@@ -117,5 +142,6 @@ def engine_worker(path: str, load: int) -> None:
 
 if __name__ == "__main__":
     mode, store_path, ident = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    {"crash": crash_writer, "mixed": mixed_worker, "engine": engine_worker}[mode](
+    {"crash": crash_writer, "mixed": mixed_worker, "engine": engine_worker,
+     "steady": steady_writer}[mode](
         store_path, ident)

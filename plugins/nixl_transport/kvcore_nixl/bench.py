@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client: PeerClient | None = None
     try:
         info = read_ready(peer.stdout)
-        client = PeerClient(info["address"], agent, timeout_s=60.0, connect_timeout_s=5.0)
+        from kvcore.config import load_settings
+        from kvcore_nixl.settings import NixlSettings
+
+        client = PeerClient(info["address"], agent, timeout_s=60.0, connect_timeout_s=5.0,
+                            secret=load_settings(NixlSettings).secret_bytes())
         got = client.read(keys)
         if any(v is None or not np.array_equal(np.frombuffer(v, np.uint8), chunk_payload(k, nbytes))
                for k, v in zip(keys, got)):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvcore.keys import ChunkKey
-from kvcore_nixl import wire
+from kvcore_nixl import auth, wire
 from kvcore_nixl.agent import Agent, address_of
 from kvcore_nixl.server import DONE_PREFIX
 from kvcore_nixl.settings import split_address
@@ -28,6 +28,11 @@ log = logging.getLogger("kvcore.nixl.client")
 _GRAVEYARD: list[np.ndarray] = []
 POLL_S = 0.0001
 """Pause between polls of a transfer in flight."""
+
+
+_CLOSED = (wire.Closed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+"""What a kept connection that the server closed meanwhile raises (retried once; a timeout is
+not)."""
 
 
 class PeerError(ConnectionError):
@@ -89,9 +94,12 @@ class PeerClient:
 
     def __init__(
         self, address: str, agent: Agent, timeout_s: float = 4.0,
-        connect_timeout_s: float = 0.5, retry_s: float = 2.0,
+        connect_timeout_s: float = 0.5, retry_s: float = 2.0, secret: bytes | None = None,
     ) -> None:
+        """``secret``: KVCORE_NIXL_SECRET; with it the peer must prove it too (see
+        :mod:`kvcore_nixl.auth`), without it only a peer that does not ask is read from."""
         self.address = address
+        self.secret = secret or None
         self.agent = agent
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -112,13 +120,21 @@ class PeerClient:
         with self._lock:
             if time.monotonic() < self._down_until:
                 raise PeerError(f"peer {self.address} is marked down")
-            try:
-                sock = self._connected()
-                wire.send(sock, header, body)
-                reply, data = wire.recv(sock)
-            except (OSError, wire.WireError, ValueError) as exc:
-                self._disconnect(down=True)
-                raise PeerError(f"peer {self.address}: {type(exc).__name__}: {exc}") from None
+            for attempt in (0, 1):
+                reused = self._sock is not None
+                try:
+                    sock = self._connected()
+                    wire.send(sock, header, body)
+                    reply, data = wire.recv(sock)
+                    break
+                except (OSError, wire.WireError, ValueError) as exc:
+                    # A kept connection the server closed meanwhile (idle timeout): once more
+                    # on a fresh one before the peer counts as down.
+                    retry = reused and not attempt and isinstance(exc, _CLOSED)
+                    self._disconnect(down=not retry)
+                    if not retry:
+                        raise PeerError(
+                            f"peer {self.address}: {type(exc).__name__}: {exc}") from None
         if "error" in reply:
             raise PeerError(f"peer {self.address}: {reply['error']}")
         return reply, data
@@ -131,8 +147,23 @@ class PeerClient:
         sock.settimeout(self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            wire.send(sock, {"op": "hello"})
+            client_nonce = auth.nonce()
+            wire.send(sock, {"op": "hello", "nonce": client_nonce, "agent": self.agent.name})
             reply, metadata = wire.recv(sock)
+            if "challenge" in reply:
+                server_nonce = reply["challenge"]
+                if self.secret is None:
+                    raise wire.WireError("the peer requires KVCORE_NIXL_SECRET; none is set")
+                if not auth.valid_nonce(server_nonce) or not auth.check(
+                        auth.server_proof(self.secret, client_nonce, server_nonce),
+                        reply.get("proof")):
+                    raise wire.WireError("the peer could not prove KVCORE_NIXL_SECRET")
+                wire.send(sock, {"op": "auth", "proof": auth.client_proof(
+                    self.secret, client_nonce, server_nonce)})
+                reply, metadata = wire.recv(sock)
+            elif self.secret is not None:
+                raise wire.WireError("the peer does not authenticate (no KVCORE_NIXL_SECRET "
+                                     "there); refusing to read from it")
             if self.remote_agent is not None:
                 self._forget_remote()
             self.remote_agent = self.agent.nixl.add_remote_agent(metadata).decode()

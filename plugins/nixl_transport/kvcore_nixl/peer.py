@@ -43,7 +43,8 @@ def chunk_payload(key: ChunkKey, nbytes: int) -> np.ndarray:
 
 
 def filled_tier(keys: list[ChunkKey], nbytes: int) -> CpuTier:
-    tier = CpuTier(len(keys) * nbytes + 1, LRUPolicy(),
+    # Room for 4x the chunks: a peer's leases may hold only part of the budget (issue 17).
+    tier = CpuTier(4 * len(keys) * nbytes + 1, LRUPolicy(),
                    allocate=lambda n: np.empty(n, dtype=np.uint8))  # no torch import
     for i, key in enumerate(keys):
         tier.put_one(key, [chunk_payload(key, nbytes)], keys[i - 1] if i else None)
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     from kvcore_nixl.server import ChunkServer
 
     tier = filled_tier(peer_keys(args.chunks, args.tenant), args.chunk_bytes)
-    server = ChunkServer(tier, Agent(), args.listen, args.lease_timeout_s)
+    from kvcore.config import load_settings
+    from kvcore_nixl.settings import NixlSettings
+
+    settings = load_settings(NixlSettings)  # KVCORE_NIXL_SECRET and the server's limits
+    server = ChunkServer(tier, Agent(), args.listen, args.lease_timeout_s,
+                         secret=settings.secret_bytes(), limits=settings.limits())
     info = {"address": server.address, "agent": server.agent.name}
     print(READY + json.dumps(info), flush=True)
     try:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from kvcore.config import NameList, PluginSettings
+from kvcore.config import ByteSize, NameList, PluginSettings
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -55,6 +55,54 @@ class NixlSettings(PluginSettings):
     lease_timeout_s: float = Field(
         30.0, gt=0, description="Server side: release chunks a peer never confirmed after this."
     )
+    secret: SecretStr = Field(
+        SecretStr(""),
+        description="Shared secret of one deployment (the same on every instance): a peer "
+        "proves it holds it (HMAC-SHA256 challenge-response, the secret never crosses the "
+        "wire) before it may lease or read; a peer that cannot prove it is refused both ways. "
+        "Required to serve beyond loopback.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve beyond loopback without KVCORE_NIXL_SECRET (a network you "
+        "trust); on loopback an unauthenticated server only warns.",
+    )
+    max_connections: int = Field(
+        64, gt=0, description="Server side: side-channel connections served at once (one "
+        "thread each); beyond, new ones are closed.",
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="Server side: close a side-channel connection idle this long "
+        "(clients reconnect by themselves).",
+    )
+    frame_timeout_s: float = Field(
+        5.0, gt=0, description="Server side: a request (and the handshake) must arrive whole "
+        "within this long once it started.",
+    )
+    max_frame_bytes: ByteSize = Field(
+        1 << 20, ge=4096, description="Server side: largest request body (24 bytes per chunk "
+        "key); a larger frame closes the connection.",
+    )
+    max_leases_per_peer: int = Field(
+        16, gt=0, description="Server side: leases one connection may hold at once.",
+    )
+    max_lease_fraction: float = Field(
+        0.5, gt=0, le=0.75, description="Server side: share of the CPU tier's budget one "
+        "connection's leases may hold (all connections together: 75%), so the owner can always "
+        "store; a lease over it gets the leading chunks that fit.",
+    )
+
+    def limits(self):  # type: ignore[no-untyped-def]
+        """The server's :class:`~kvcore_nixl.server.Limits` from these settings."""
+        from kvcore_nixl.server import Limits
+
+        return Limits(self.max_connections, self.idle_timeout_s, self.frame_timeout_s,
+                      self.max_frame_bytes, self.max_leases_per_peer, self.max_lease_fraction,
+                      self.allow_unauthenticated)
+
+    def secret_bytes(self) -> bytes | None:
+        value = self.secret.get_secret_value()
+        return value.encode() if value else None
+
     @field_validator("peers")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:

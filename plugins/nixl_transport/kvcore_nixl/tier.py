@@ -45,7 +45,7 @@ class NixlPeerTier(Tier):
             log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no CPU tier was given; not serving")
         self.clients = [
             PeerClient(address, self.agent, settings.timeout_s, settings.connect_timeout_s,
-                       settings.retry_s)
+                       settings.retry_s, settings.secret_bytes())
             for address in settings.peers
         ] if settings.peers else []
 
@@ -111,7 +111,7 @@ def start_server(
     try:
         agent = agent or shared_agent(settings.backend, settings.progress_thread)
         return ChunkServer(cpu, agent, settings.listen, settings.lease_timeout_s, pending,
-                           settings.store_wait_s)
+                           settings.store_wait_s, settings.secret_bytes(), settings.limits())
     except Exception as exc:
         log.warning("kvcore nixl: cannot serve on %s: %s", settings.listen, exc)
         return None

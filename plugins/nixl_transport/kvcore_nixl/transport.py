@@ -35,7 +35,9 @@ class NixlTransport(Transport):
         """Start serving ``cpu``; returns :meth:`address`."""
         if self.server is None:
             self.server = ChunkServer(cpu, self.agent, listen or self.settings.listen,
-                                      self.settings.lease_timeout_s)
+                                      self.settings.lease_timeout_s,
+                                      secret=self.settings.secret_bytes(),
+                                      limits=self.settings.limits())
         return self.server.address
 
     def address(self) -> str:
@@ -45,7 +47,7 @@ class NixlTransport(Transport):
         if peer not in self._clients:
             s = self.settings
             self._clients[peer] = PeerClient(peer, self.agent, s.timeout_s,
-                                             s.connect_timeout_s, s.retry_s)
+                                             s.connect_timeout_s, s.retry_s, s.secret_bytes())
         return self._clients[peer]
 
     def fetch(

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
+
 os.environ["UCX_TLS"] = os.environ.get("KVCORE_TEST_UCX_TLS", "tcp")  # before any agent exists
 HERE = Path(__file__).parent
 

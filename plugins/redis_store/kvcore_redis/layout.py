@@ -65,6 +65,12 @@ class Manifest:
     def part_length(self, index: int) -> int:
         return min(self.part_size, self.total - index * self.part_size)
 
+    def valid(self, max_total: int) -> bool:
+        """Whether a reader may act on this manifest: more than a small value (which is never
+        split) and at most ``max_total`` bytes, in parts as :meth:`decode` checks them."""
+        return (SMALL_VALUE < self.total <= max_total and 0 < self.part_size <= _MAX_PART
+                and self.parts == -(-self.total // self.part_size))
+
     @staticmethod
     def decode(value: bytes) -> "Manifest | None":
         """The manifest if ``value`` is one, else None (a plain value)."""

@@ -40,6 +40,16 @@ class RedisSettings(PluginSettings):
     part_size: ByteSize = Field(
         4 * MiB, ge=64 * 1024, description="Values larger than this are stored as several keys."
     )
+    max_value_bytes: ByteSize = Field(
+        256 * MiB, ge=64 * 1024,
+        description=(
+            "Largest chunk value (frame header + KV bytes) the tier stores or reads: a larger "
+            "put is refused, and a manifest that claims more is corrupt and removed before "
+            "anything is allocated (and a split value is read only after every part was seen "
+            "at its size). The default fits a 256-token chunk of a 405B-parameter model in bf16 "
+            "(126 MiB) twice."
+        ),
+    )
     ttl_s: float = Field(0.0, ge=0, description="Expire chunks after this many seconds (0: never).")
     socket_timeout_s: float = Field(2.0, gt=0, description="Longest wait for one reply.")
     connect_timeout_s: float = Field(1.0, gt=0, description="Longest wait to connect.")

@@ -42,6 +42,9 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 """What a server that is down, slow or unreachable raises (a cluster client too)."""
 _AUTH_WORDS = ("WRONGPASS", "NOAUTH", "invalid username", "authenticated")
 _USAGE_TTL_S = 1.0
+_UNLINK_IF_SAME = (b"if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                   b"return redis.call('UNLINK', unpack(KEYS)) > 0 and 1 or 0 end return 0")
+"""Remove a manifest and its parts only if the manifest is still the one that was read."""
 
 
 class RedisTier(Tier):
@@ -66,6 +69,7 @@ class RedisTier(Tier):
         self._client_lock = threading.Lock()
         self._usage: tuple[float, TierUsage] | None = None
         self._nodes: dict[str, Health] = {}
+        self.stats = {"corrupt_removed": 0}
         self._probe()
 
     # -- connection ----------------------------------------------------------------------------
@@ -173,18 +177,36 @@ class RedisTier(Tier):
     def _get(self, names: list[bytes]) -> list[Buffer | None]:
         values = self._send([(name, pack_get(name, self._ttl_ms)) for name in names])
         out: list[Buffer | None] = [None] * len(names)
-        split_values: list[tuple[int, Manifest]] = []
+        split_values: list[tuple[int, Manifest, bytes]] = []
+        corrupt: list[tuple[int, Manifest | None, bytes]] = []
         for i, value in enumerate(values):
             if not isinstance(value, (bytes, bytearray)):
                 continue
             manifest = Manifest.decode(value) if len(value) == MANIFEST_BYTES else None
             if manifest is None:
                 out[i] = value
+            elif not manifest.valid(self.settings.max_value_bytes):
+                corrupt.append((i, None, bytes(value)))  # claims more than a chunk can be
             else:
-                split_values.append((i, manifest))
+                split_values.append((i, manifest, bytes(value)))
+        if split_values:
+            # Every part must be there, of the size the manifest says, before a byte is
+            # allocated: a forged or orphaned manifest costs one STRLEN per part, no memory.
+            lengths = self._send([(names[i], pack_command(b"STRLEN", Naming.part(names[i], j)))
+                                  for i, manifest, _ in split_values
+                                  for j in range(manifest.parts)])
+            pos, whole_ok = 0, []
+            for i, manifest, raw in split_values:
+                got = lengths[pos:pos + manifest.parts]
+                pos += manifest.parts
+                if all(g == manifest.part_length(j) for j, g in enumerate(got)):
+                    whole_ok.append((i, manifest, raw))
+                elif all(isinstance(g, int) for g in got):
+                    corrupt.append((i, manifest, raw))  # a part missing or of the wrong size
+            split_values = whole_ok
         if split_values:  # read the parts of each chunk straight into one buffer
             commands, dests, wholes = [], [], []
-            for i, manifest in split_values:
+            for i, manifest, _ in split_values:
                 whole = bytearray(manifest.total)
                 view = memoryview(whole)
                 wholes.append(whole)
@@ -194,12 +216,35 @@ class RedisTier(Tier):
                     dests.append(view[start:start + manifest.part_length(j)])
             parts = self._send(commands, dests)
             pos = 0
-            for (i, manifest), whole in zip(split_values, wholes):
+            for (i, manifest, raw), whole in zip(split_values, wholes):
                 received = parts[pos:pos + manifest.parts]
                 if all(r is d for r, d in zip(received, dests[pos:pos + manifest.parts])):
                     out[i] = whole
+                elif all(r is None or isinstance(r, (bytes, bytearray)) for r in received):
+                    corrupt.append((i, manifest, raw))  # removed or resized since STRLEN
                 pos += manifest.parts
+        if corrupt:
+            self._remove_corrupt(names, corrupt)
         return out
+
+    def _remove_corrupt(self, names: list[bytes],
+                        corrupt: list[tuple[int, Manifest | None, bytes]]) -> None:
+        """Remove manifests whose parts are missing (or that claim too much), with their parts.
+
+        The removal is conditional (a script compares the manifest first): a chunk stored again
+        since it was read, by any engine, is left alone.
+        """
+        commands = []
+        for i, manifest, raw in corrupt:
+            parts = [Naming.part(names[i], j) for j in range(manifest.parts if manifest else 0)]
+            commands.append((names[i], pack_command(
+                b"EVAL", _UNLINK_IF_SAME, b"%d" % (1 + len(parts)), names[i], *parts, raw)))
+        removed = self._send(commands)
+        count = sum(1 for r in removed if r == 1)
+        self.stats["corrupt_removed"] += count
+        self.health.note("corrupt", f"{len(corrupt)} split chunk(s) had a missing or wrong part "
+                         "or claimed more than KVCORE_REDIS_MAX_VALUE_BYTES; read as misses and "
+                         "removed")
 
     def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
         if not items:
@@ -210,9 +255,15 @@ class RedisTier(Tier):
         part_size = self.settings.part_size
         commands: list[tuple[bytes, list[Buffer]]] = []  # (key name for routing, RESP buffers)
         spans: list[int] = []
-        for key, parts in items:
+        manifests: dict[int, tuple[bytes, bytes, int]] = {}  # item -> (name, manifest, parts)
+        too_big = 0
+        for n, (key, parts) in enumerate(items):
             name = self.naming.chunk(key)
             total = sum(memoryview(p).nbytes for p in parts)
+            if total > self.settings.max_value_bytes:
+                too_big += 1
+                spans.append(0)
+                continue
             size = piece_size(total, part_size)
             if size is None:
                 commands.append((name, pack_set(name, parts, self._ttl_ms)))
@@ -222,10 +273,11 @@ class RedisTier(Tier):
             for j, piece in enumerate(pieces):
                 part = Naming.part(name, j)
                 commands.append((name, pack_set(part, piece, self._ttl_ms)))
-            # The manifest goes last: a reader never sees it before its parts.
-            manifest = Manifest(len(pieces), total, size).encode()
-            commands.append((name, pack_set(name, [manifest], self._ttl_ms)))
-            spans.append(len(pieces) + 1)
+            spans.append(len(pieces))
+            manifests[n] = (name, Manifest(len(pieces), total, size).encode(), len(pieces))
+        if too_big:
+            self.health.note("too-big", f"{too_big} chunk(s) over KVCORE_REDIS_MAX_VALUE_BYTES="
+                             f"{self.settings.max_value_bytes} refused")
         results = self._send(commands)
         stored: list[bool] = []
         pos = 0
@@ -233,8 +285,25 @@ class RedisTier(Tier):
         for span in spans:
             answers = results[pos:pos + span]
             pos += span
-            stored.append(all(a == b"OK" for a in answers))
+            stored.append(bool(span) and all(a == b"OK" for a in answers))
             full = full or any(_is_oom(a) for a in answers)
+        if manifests:
+            # The manifest is written only after every part of it was stored: a refused part
+            # (a full server) never leaves a manifest that lookups count and loads cannot read.
+            second: list[tuple[bytes, list[Buffer]]] = []
+            order: list[int] = []
+            for n, (name, manifest, count) in manifests.items():
+                if stored[n]:
+                    second.append((name, pack_set(name, [manifest], self._ttl_ms)))
+                else:  # drop the parts that did go in
+                    second.append((name, pack_command(
+                        b"UNLINK", *[Naming.part(name, j) for j in range(count)])))
+                order.append(n)
+            answers = self._send(second)
+            for n, answer in zip(order, answers):
+                if stored[n]:
+                    stored[n] = answer == b"OK"
+                    full = full or _is_oom(answer)
         if full:
             self.health.note("full", "the server is full (OOM with maxmemory); puts are refused "
                              "(set maxmemory-policy allkeys-lru, see docs/redis.md)")

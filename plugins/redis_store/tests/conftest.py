@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
+
 from kvcore_redis import RedisSettings, RedisTier
 from kvcore_redis.server import RedisClusterServers, RedisMissing, RedisServer
 

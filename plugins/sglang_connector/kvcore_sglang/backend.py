@@ -141,7 +141,8 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         info = getattr(extra_info, "extra_info", None)
         if isinstance(info, dict) and info.get("tenant") is not None:
             tenant = str(info["tenant"])
-        return page_keys(self.namespace(tenant).digest, list(keys))
+        namespace = self.namespace(tenant)
+        return page_keys(namespace.digest, list(keys), namespace.tenant)
 
     def _guard(self, what: str, default: T, fn: Callable[[], T]) -> T:
         try:

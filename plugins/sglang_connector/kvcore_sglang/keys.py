@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from kvcore.keys import HASH_BYTES, ChunkKey, Namespace
+from kvcore.keys import HASH_BYTES, ChunkKey, Namespace, tenant_salt
 
 _PAGE_SALT = b"kvcore-sglang-page-v1"
 
@@ -88,11 +88,16 @@ def namespace_for(shard: ShardInfo, fmt: PageFormat, tenant: str = "") -> Namesp
     )
 
 
-def page_key(namespace_digest: bytes, key: str) -> ChunkKey:
-    """The kvcore key of SGLang page ``key`` under a namespace."""
-    digest = hashlib.sha256(_PAGE_SALT + key.encode("utf-8", "surrogatepass")).digest()
+def page_key(namespace_digest: bytes, key: str, tenant: str = "") -> ChunkKey:
+    """The kvcore key of SGLang page ``key`` under a namespace (of ``tenant``).
+
+    The tenant salts the 128-bit page hash too, so tenants stay apart even where two
+    namespace digests (64 bits) collide.
+    """
+    salt = _PAGE_SALT + tenant_salt(tenant) + b"\0" if tenant else _PAGE_SALT
+    digest = hashlib.sha256(salt + key.encode("utf-8", "surrogatepass")).digest()
     return namespace_digest + digest[:HASH_BYTES]
 
 
-def page_keys(namespace_digest: bytes, keys: list[str]) -> list[ChunkKey]:
-    return [page_key(namespace_digest, k) for k in keys]
+def page_keys(namespace_digest: bytes, keys: list[str], tenant: str = "") -> list[ChunkKey]:
+    return [page_key(namespace_digest, k, tenant) for k in keys]
