@@ -2,8 +2,8 @@
 
 ``build_kvcopy`` compiles ``csrc/*.cpp`` with the system C++ compiler into
 ``kvcore/_native/libkvcopy_cpu.so`` and, when ``nvcc`` is on PATH, ``csrc/*.cu`` into
-``libkvcopy_cuda.so``. The libraries expose a plain C ABI (loaded with ctypes), so they do not depend
-on the torch version. A failed compile only warns: kvcore then uses its numpy/torch fallback.
+``libkvcopy_cuda.so``. The libraries expose a plain C ABI (loaded with ctypes), so they do not
+depend on the torch version. A failed compile only warns: kvcore then uses its numpy/torch fallback.
 Set ``KVCORE_NO_NATIVE=1`` to skip, ``KVCORE_CUDA_ARCHS`` (e.g. "80;90") to choose GPU targets.
 """
 

@@ -102,9 +102,11 @@ def main() -> None:
     print(f"{args.prompt_tokens}-token prompt ({args.prompt_tokens // 256} chunks), "
           f"{args.chunks:,} chunks indexed, {platform.machine()}")
     for policy, r in results.items():
-        print(f"  {policy:<13} keys {r['hash_ms']:.2f} ms | lookup miss {r['lookup_miss_ms']:.3f} ms"
+        print(f"  {policy:<13} keys {r['hash_ms']:.2f} ms"
+              f" | lookup miss {r['lookup_miss_ms']:.3f} ms"
               f" hit {r['lookup_hit_ms']:.3f} ms (empty index {r['lookup_empty_index_ms']:.3f} ms,"
-              f" ratio {r['ratio_full_vs_empty']:.2f}) | {r['metadata_bytes_per_chunk']:.0f} B/chunk")
+              f" ratio {r['ratio_full_vs_empty']:.2f})"
+              f" | {r['metadata_bytes_per_chunk']:.0f} B/chunk")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _default_text(cls: type[BaseSettings], name: str) -> str:
     if hasattr(value, "get_secret_value"):
         return "(unset)" if not value.get_secret_value() else "(secret)"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1024**2 \
-            and "size" in name:
+            and ("size" in name or name.endswith("_bytes")):
         for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
             if value % scale == 0:
                 return f"{value // scale}{unit}"
@@ -37,7 +37,8 @@ def _default_text(cls: type[BaseSettings], name: str) -> str:
 def settings_table(cls: type[BaseSettings], title: str) -> list[str]:
     prefix = str(cls.model_config.get("env_prefix", "KVCORE_"))
     summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-    lines = [f"## {title}", "", summary, "", "| variable | default | meaning |", "| --- | --- | --- |"]
+    lines = [f"## {title}", "", summary, "", "| variable | default | meaning |",
+             "| --- | --- | --- |"]
     for name, field in cls.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{prefix}{name.upper()}` | `{_default_text(cls, name)}` | "

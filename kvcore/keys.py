@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class Namespace:
         """8-byte namespace id that prefixes every key of this namespace."""
         return hashlib.sha256(b"kvcore-namespace-v1" + self.canonical()).digest()[:NAMESPACE_BYTES]
 
-    def with_tenant(self, tenant: str | None) -> "Namespace":
+    def with_tenant(self, tenant: str | None) -> Namespace:
         """Same namespace for another tenant (``None`` or ``""`` is the shared tenant)."""
         values = asdict(self)
         values["tenant"] = tenant or ""

@@ -8,10 +8,9 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
-
 from kvcore.config import load_settings
 from kvcore.engine import CacheEngine
+from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
 
 # Tests assert behaviour, never time: no per-example deadline (the machine is shared and noisy).
 settings.register_profile("kvcore", deadline=None)

@@ -154,7 +154,7 @@ class Instance:
             [sys.executable, str(script), NS.model, str(CHUNK_BYTES)], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def ready(self) -> "Instance":
+    def ready(self) -> Instance:
         assert self._read()["ready"]
         return self
 

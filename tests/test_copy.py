@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcore.copy import KVLayout, backend_info, gather, scatter
-from kvcore.copy import buffers, native, ops
+from kvcore.copy import KVLayout, backend_info, buffers, gather, native, ops, scatter
 
 NB = 12  # blocks (pages) per layer
 L = 3
@@ -197,8 +196,8 @@ def test_buffer_too_small_names_the_buffer(backend):
     layers, layout, _ = LAYOUTS["vllm_cpu"](torch.bfloat16)
     need = layout.chunk_bytes(L, 2)
     dests = [np.zeros(need, np.uint8), np.full(need - 1, 5, np.uint8)]
-    with pytest.raises(ValueError, match=r"dests\[1\] is too small: %d bytes, needs %d"
-                       % (need - 1, need)):
+    with pytest.raises(ValueError,
+                       match=rf"dests\[1\] is too small: {need - 1} bytes, needs {need}"):
         gather(layers, layout, [0, 1, 2, 3], dests, 2)
     assert (dests[0] == 0).all() and (dests[1] == 5).all()
     before = [t.clone() for t in layers]

@@ -1,5 +1,5 @@
-"""Batched KV copies on a GPU: byte-exact for every layout, chunk buffers pinned, pageable and on the
-device, on a caller's stream. Skips cleanly without a GPU. Set KVCORE_REQUIRE_NATIVE_CUDA=1 (as
+"""Batched KV copies on a GPU: byte-exact for every layout, chunk buffers pinned, pageable and on
+the device, on a caller's stream. Skips cleanly without a GPU. Set KVCORE_REQUIRE_NATIVE_CUDA=1 (as
 bench/gpu_check.sh does) to fail, not skip, when the native CUDA library is missing."""
 
 from __future__ import annotations

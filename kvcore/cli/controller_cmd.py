@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8470; 0 picks a free one)")
     parser.add_argument("--allow-plain-http", action="store_true", default=None,
-                        help="serve plain HTTP beyond loopback (KVCORE_CONTROLLER_ALLOW_PLAIN_HTTP)")
+                        help="serve plain HTTP beyond loopback "
+                             "(KVCORE_CONTROLLER_ALLOW_PLAIN_HTTP)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)

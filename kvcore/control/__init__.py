@@ -24,8 +24,8 @@ __all__ = ["ControllerSettings", "attach"]
 _lock = threading.Lock()
 
 
-def attach(engine: "CacheEngine", settings: ControllerSettings | None = None,
-           **overrides: Any) -> "Reporter | None":
+def attach(engine: CacheEngine, settings: ControllerSettings | None = None,
+           **overrides: Any) -> Reporter | None:
     """Report ``engine`` to the controller and run its commands, in background threads.
 
     Returns the running :class:`~kvcore.control.reporter.Reporter` (close it before the engine),

@@ -6,8 +6,9 @@ Plain data, no I/O: the server calls it from its event loop (one thread), so it 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from kvcore.keys import ChunkKey, chunk_keys, key_namespace
 

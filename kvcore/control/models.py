@@ -83,7 +83,7 @@ class PrefixRequest(Strict):
         "with namespace fields, their own tenant is used.")
 
     @model_validator(mode="after")
-    def _one_tenant(self) -> "PrefixRequest":
+    def _one_tenant(self) -> PrefixRequest:
         if isinstance(self.namespace, NamespaceSpec) and self.tenant not in (
                 None, self.namespace.tenant):
             raise ValueError("tenant differs from namespace.tenant")

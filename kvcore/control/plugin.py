@@ -1,4 +1,5 @@
-"""Built-in plugin: makes the controller's settings visible to ``kvcore config`` and the reference."""
+"""Built-in plugin: makes the controller's settings visible to ``kvcore config`` and the
+reference."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ class Reporter:
     def registered(self) -> bool:
         return self._registered.is_set()
 
-    def start(self) -> "Reporter":
+    def start(self) -> Reporter:
         self.engine.subscribe(self._on_event)
         for thread in self._threads:
             thread.start()

@@ -15,9 +15,10 @@ import re
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -144,7 +145,7 @@ class Controller:
         self.metrics.inc("controller_commands_total", label=op)
         try:
             result = await asyncio.wait_for(future, self.settings.command_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = m.CommandResult(
                 ok=False, error=f"no answer within {self.settings.command_timeout_s}s")
             if command in channel.queue:
@@ -519,7 +520,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             channel.wakeup.clear()
             try:
                 await asyncio.wait_for(channel.wakeup.wait(), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         out = list(channel.queue)
         channel.queue.clear()

@@ -45,10 +45,10 @@ class ControllerSettings(PluginSettings):
     batch_keys: int = Field(4096, gt=0, description="Most chunk keys in one event post.")
     max_tokens: int = Field(262144, gt=0, description="Most token ids in one request.")
     max_body_bytes: ByteSize = Field(
-        "4MiB", description="Largest request body of the public endpoints."
+        4 * 1024**2, description="Largest request body of the public endpoints."
     )
     max_transfer_bytes: ByteSize = Field(
-        "64MiB", description="Largest move between instances (chunk bytes relayed by the "
+        64 * 1024**2, description="Largest move between instances (chunk bytes relayed by the "
         "controller) and largest instance result body."
     )
     header_timeout_s: float = Field(

@@ -19,10 +19,11 @@ import fcntl
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -51,7 +52,7 @@ class Entry:
         return _ENTRY.pack(self.size, self.seq, self.flags) + self.name.encode()
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "Entry":
+    def unpack(cls, raw: bytes | memoryview) -> Entry:
         size, seq, flags = _ENTRY.unpack_from(raw)
         return cls(size, seq, flags, bytes(raw[_ENTRY.size :]).decode())
 
@@ -61,7 +62,7 @@ FILES = ("data.mdb", "lock.mdb")
 
 def file_ids(directory: Path | str) -> tuple[tuple[int, int] | None, ...]:
     """(device, inode) of the environment's files, ``None`` for one that is missing."""
-    ids = []
+    ids: list[tuple[int, int] | None] = []
     for name in FILES:
         try:
             st = os.stat(os.path.join(directory, name))
@@ -77,9 +78,9 @@ class Store:
     """An open environment and its databases."""
 
     env: lmdb.Environment
-    entries: object
-    inline: object
-    meta: object
+    entries: Any  # lmdb's database handles (a private type of py-lmdb)
+    inline: Any
+    meta: Any
     ids: tuple[tuple[int, int] | None, ...] = ()
     """:func:`file_ids` when it was opened: other ids on disk mean the files were replaced."""
     dir_fd: int = -1
@@ -139,12 +140,12 @@ class Store:
         return [name for name, was, is_ in zip(FILES, self.ids, now) if was != is_]
 
 
-def get_u64(txn: lmdb.Transaction, db: object, key: bytes) -> int:
+def get_u64(txn: lmdb.Transaction, db: Any, key: bytes) -> int:
     raw = txn.get(key, db=db)
     return _U64.unpack(raw)[0] if raw is not None else 0
 
 
-def put_u64(txn: lmdb.Transaction, db: object, key: bytes, value: int) -> None:
+def put_u64(txn: lmdb.Transaction, db: Any, key: bytes, value: int) -> None:
     txn.put(key, _U64.pack(max(0, value)), db=db)
 
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from kvcore.config import load_settings
 from kvcore.hookspecs import hookimpl
 from kvcore.interfaces import TierContext
-
 from kvcore_lmdb.settings import LmdbSettings
 from kvcore_lmdb.tier import LmdbTier
 

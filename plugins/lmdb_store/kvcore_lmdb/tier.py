@@ -255,8 +255,8 @@ class LmdbTier(Tier):
                 out[i] = files.read(self.chunks_dir, entry.name, entry.size)
         bad: list[tuple[ChunkKey, str | None]] = []
         for i, entry in found.items():
-            value = out[i]
-            if value is None or len(value) != entry.size or not _frame_matches(keys[i], value):
+            read = out[i]
+            if read is None or len(read) != entry.size or not _frame_matches(keys[i], read):
                 bad.append((keys[i], entry.name))
                 out[i] = None
         if bad:

@@ -13,7 +13,6 @@ from pathlib import Path
 from kvcore import chunk_format
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.keys import Namespace, chunk_keys
-
 from kvcore_lmdb.settings import LmdbSettings
 from kvcore_lmdb.tier import LmdbTier
 

@@ -6,7 +6,6 @@ import pytest
 
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.testing.tier_contract import LowerTierContract
-
 from kvcore_lmdb.settings import LmdbSettings
 from kvcore_lmdb.tier import LmdbTier
 

@@ -10,7 +10,6 @@ from kvcore.config import load_settings
 from kvcore.engine import CacheEngine
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.tiers.cpu import CpuTier
-
 from kvcore_lmdb import files
 
 

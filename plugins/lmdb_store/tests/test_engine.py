@@ -11,7 +11,6 @@ import lmdb_workers as W
 from kvcore.config import load_settings
 from kvcore.engine import CacheEngine
 from kvcore.plugins import PluginRegistry
-
 from kvcore_lmdb.tier import LmdbTier
 
 

@@ -14,8 +14,8 @@ from kvcore.config import ConfigError, load_settings
 from kvcore.engine import CacheEngine
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.tiers.cpu import CpuTier
-
-from kvcore_lmdb import files, tier as tier_module
+from kvcore_lmdb import files
+from kvcore_lmdb import tier as tier_module
 from kvcore_lmdb.settings import LmdbSettings
 from kvcore_lmdb.tier import LmdbTier
 

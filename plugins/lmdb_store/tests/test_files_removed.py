@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb_workers as w
 import pytest
 
 from kvcore import chunk_format
 from kvcore.eviction.lru import LRUPolicy
 from kvcore_lmdb.settings import LmdbSettings
 from kvcore_lmdb.tier import LmdbTier
-
-import lmdb_workers as w
 
 WORKERS = Path(w.__file__)
 

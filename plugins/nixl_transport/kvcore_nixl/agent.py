@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 _lock = threading.Lock()
-_shared: "Agent | None" = None
+_shared: Agent | None = None
 
 
 def load_nixl() -> Any:

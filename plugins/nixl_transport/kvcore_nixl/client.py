@@ -255,7 +255,7 @@ class PeerClient:
             return [None] * len(chunks)
         buffer = self.pool.lend(block, descs)
         out: list[memoryview | None] = []
-        view, offset = memoryview(buffer), 0
+        view, offset = buffer.data, 0
         for chunk in chunks:
             if chunk is None:
                 out.append(None)

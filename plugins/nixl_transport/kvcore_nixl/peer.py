@@ -19,11 +19,10 @@ from kvcore.eviction.lru import LRUPolicy
 from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.tiers.cpu import CpuTier
 
-
 READY = "KVCORE_NIXL_PEER "
 
 
-def read_ready(stream: "object") -> dict:
+def read_ready(stream: object) -> dict:
     """The JSON a starting peer prints after :data:`READY` (other lines are skipped)."""
     for line in stream:  # type: ignore[attr-defined]
         if line.startswith(READY):
@@ -47,7 +46,7 @@ def filled_tier(keys: list[ChunkKey], nbytes: int) -> CpuTier:
     tier = CpuTier(4 * len(keys) * nbytes + 1, LRUPolicy(),
                    allocate=lambda n: np.empty(n, dtype=np.uint8))  # no torch import
     for i, key in enumerate(keys):
-        tier.put_one(key, [chunk_payload(key, nbytes)], keys[i - 1] if i else None)
+        tier.put_one(key, [chunk_payload(key, nbytes).data], keys[i - 1] if i else None)
     return tier
 
 

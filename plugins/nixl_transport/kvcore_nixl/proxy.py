@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     server = make_server(args.host, args.port, args.prefill, args.decode, args.timeout_s)
-    host, port = server.server_address[:2]
+    host, port = (str(part) for part in server.server_address[:2])
     print(f"kvcore pd-proxy on http://{host}:{port}: prefill {args.prefill} -> decode "
           f"{args.decode}", flush=True)
     try:

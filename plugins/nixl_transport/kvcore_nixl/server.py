@@ -202,7 +202,7 @@ class ChunkServer:
                 peer.authenticated = True
                 return {"agent": self.agent.name}, self.agent.metadata()
             client_nonce = header.get("nonce")
-            if not auth.valid_nonce(client_nonce):
+            if not isinstance(client_nonce, str) or not auth.valid_nonce(client_nonce):
                 self.counters["auth_failures"] += 1
                 raise Malformed("hello without a nonce (KVCORE_NIXL_SECRET is required)")
             peer.client_nonce, peer.server_nonce = client_nonce, auth.nonce()
@@ -321,7 +321,7 @@ class ChunkServer:
                 return False  # another connection's lease
             if remote and agent is not None and owner.agent != agent:  # type: ignore[union-attr]
                 return False  # a notification from another agent
-            
+
             del self._leases[lease_id]
             if owner is not None:
                 owner.leases.discard(lease_id)

@@ -68,7 +68,7 @@ def _exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
             if not part:
                 raise Closed("connection closed")
             data += part
-    except socket.timeout:
+    except TimeoutError:
         raise WireError("frame not complete in time" if data or deadline else "timed out") \
             from None
     finally:

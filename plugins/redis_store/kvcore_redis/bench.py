@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 from kvcore import chunk_format
 from kvcore.keys import Namespace, chunk_keys
 from kvcore_redis.settings import MiB, RedisSettings
@@ -112,8 +111,8 @@ def _measure(args: argparse.Namespace, tier: RedisTier, url: str, chunk: int,
                 clean()
                 rounds[w].append(_timed(write))
                 rounds[rd].append(_timed(read))
-        check = tier.get(keys[:1])[0]
-        assert bytes(chunk_format.decode(keys[0], check)) == bytes(framed[0][1][1])
+        check = chunk_format.decode(keys[0], tier.get(keys[:1])[0])
+        assert check is not None and bytes(check) == bytes(framed[0][1][1])
     finally:
         clean()
     info = plain.info("server")

@@ -72,7 +72,7 @@ class Manifest:
                 and self.parts == -(-self.total // self.part_size))
 
     @staticmethod
-    def decode(value: bytes) -> "Manifest | None":
+    def decode(value: bytes | bytearray) -> Manifest | None:
         """The manifest if ``value`` is one, else None (a plain value)."""
         if len(value) != MANIFEST_BYTES or not value.startswith(MANIFEST_MAGIC):
             return None

@@ -21,8 +21,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     OutOfMemoryError,
-    RedisError,
     RedisClusterException,
+    RedisError,
     ResponseError,
 )
 from redis.retry import Retry

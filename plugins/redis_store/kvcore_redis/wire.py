@@ -150,7 +150,7 @@ def run_pipeline(
             conn.send_packed_command(coalesce([b for c in commands for b in c]), check_health=False)
             reader = RespReader(conn._sock)
             return [reader.reply(dests[i] if dests else None) for i in range(len(commands))]
-        except (socket.timeout, RedisTimeoutError) as exc:
+        except (TimeoutError, RedisTimeoutError) as exc:
             conn.disconnect()  # a slow server: no second wait
             raise RedisTimeoutError(f"no reply within the socket timeout ({exc})") from None
         except (RedisConnectionError, OSError):

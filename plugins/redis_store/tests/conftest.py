@@ -5,14 +5,12 @@ A missing ``redis-server`` FAILS the tests (CI installs it); it never skips them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
-
 from kvcore_redis import RedisSettings, RedisTier
 from kvcore_redis.server import RedisClusterServers, RedisMissing, RedisServer
 

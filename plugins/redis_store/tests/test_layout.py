@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from kvcore import chunk_format
-from kvcore.engine import CacheEngine
 from kvcore.config import load_settings
+from kvcore.engine import CacheEngine
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.testing.tier_contract import make_keys
 from kvcore.tiers.cpu import CpuTier

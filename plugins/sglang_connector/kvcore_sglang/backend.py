@@ -33,11 +33,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+
 from kvcore.config import Settings, load_settings
 from kvcore.engine import CacheEngine
 from kvcore.keys import ChunkKey, Namespace
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
-
 from kvcore_sglang.keys import PageFormat, ShardInfo, namespace_for, page_format_of, page_keys
 from kvcore_sglang.pages import (
     HostPages,

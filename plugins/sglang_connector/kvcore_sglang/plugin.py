@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from kvcore.hookspecs import hookimpl
 from kvcore.interfaces import ConnectorInfo
-
 from kvcore_sglang import BACKEND_CLASS, BACKEND_MODULE, SUPPORTED_SGLANG
 from kvcore_sglang.settings import SGLangSettings
 

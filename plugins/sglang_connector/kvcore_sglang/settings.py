@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from kvcore.config import PluginSettings, load_settings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from kvcore.config import PluginSettings, load_settings
 
 
 class SGLangSettings(PluginSettings):

@@ -14,8 +14,9 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage",
 
 sys.path.insert(0, os.path.dirname(__file__))  # for `import sglang_support` (importlib mode)
 
-from kvcore.engine import CacheEngine  # noqa: E402
 from sglang_support import small_engine  # noqa: E402
+
+from kvcore.engine import CacheEngine  # noqa: E402
 
 
 @pytest.fixture

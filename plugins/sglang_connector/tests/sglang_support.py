@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
 from kvcore.config import Settings
 from kvcore.engine import CacheEngine
 from kvcore.eviction.lru import LRUPolicy

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from kvcore.plugins import PluginRegistry
 from sglang_support import (
     DYNAMIC,
     PAGE,
@@ -14,6 +13,8 @@ from sglang_support import (
     page_keys,
     storage_config,
 )
+
+from kvcore.plugins import PluginRegistry
 
 
 def test_factory_dynamic_path_builds_kvcore_backend(engine) -> None:
@@ -82,8 +83,8 @@ def test_kvcore_settings_from_extra_config() -> None:
 
 def test_bad_kvcore_settings_fail_at_startup_with_the_variable_named() -> None:
     import pytest
-    from kvcore.config import ConfigError
 
+    from kvcore.config import ConfigError
     from kvcore_sglang.backend import KVCoreHiCacheStorage
 
     with pytest.raises(ConfigError, match="KVCORE_CPU_SIZE"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from kvcore.interfaces import Tier, TierUsage
 from sglang_support import (
     DYNAMIC,
     PAGE,
@@ -16,6 +15,7 @@ from sglang_support import (
     storage_config,
 )
 
+from kvcore.interfaces import Tier, TierUsage
 from kvcore_sglang.backend import KVCoreHiCacheStorage
 
 
