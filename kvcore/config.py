@@ -199,6 +199,14 @@ class Settings(_KVCoreSettingsBase):
         description="Longest wait for one tier operation before it counts as a miss.",
     )
     log_level: str = Field("WARNING", description="Log level of the kvcore logger.")
+    background_nice: int = Field(
+        10, ge=0, le=19,
+        description=(
+            "Nice value added to kvcore's background threads (stores, write-behind, prefetch, "
+            "lower-tier reads, asynchronous loads), so they yield the CPU to the engine; 0 "
+            "keeps the engine's priority."
+        ),
+    )
     verify_sample: float = Field(
         0.01, ge=0.0, le=1.0, allow_inf_nan=False,
         description=(

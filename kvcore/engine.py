@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kvcore import chunk_format, logs
+from kvcore.background import lower_priority
 from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.interfaces import Buffer, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
@@ -128,12 +129,13 @@ class ChunkLease:
 class _LowerTier:
     """A lower tier with bounded waits, framing, and once-per-kind error logging."""
 
-    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics) -> None:
+    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0) -> None:
         self.tier = tier
         self.name = tier.name
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}",
+                                        initializer=lower_priority, initargs=(nice,))
         self._logged: set[str] = set()
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
@@ -234,13 +236,16 @@ class CacheEngine:
                 "memory tier 'cpu' (lower tiers follow it, for example cpu,lmdb)"
             )
         self.cpu: CpuTier = first
-        self.lower = [_LowerTier(t, self.settings.tier_timeout_s, self.metrics) for t in built[1:]]
+        nice = self.settings.background_nice
+        self.lower = [_LowerTier(t, self.settings.tier_timeout_s, self.metrics, nice)
+                      for t in built[1:]]
         self._store_queue: queue.Queue = queue.Queue(maxsize=self.settings.store_queue_size)
         self._behind_queues: list[queue.Queue] = [
             queue.Queue(maxsize=4 * self.settings.store_queue_size) for _ in self.lower]
         self._inflight: dict[ChunkKey, Future] = {}
         self._inflight_lock = threading.Lock()
-        self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcore-fetch")
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcore-fetch",
+                                                 initializer=lower_priority, initargs=(nice,))
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=self._store_worker, name="kvcore-store",
                                           daemon=True)]
@@ -410,6 +415,7 @@ class CacheEngine:
         return self.store(keys, BufferSource(buffers))
 
     def _store_worker(self) -> None:
+        lower_priority(self.settings.background_nice)
         while not self._closed.is_set():
             try:
                 item = self._store_queue.get(timeout=0.1)
@@ -469,6 +475,7 @@ class CacheEngine:
 
     def _behind_worker(self, index: int) -> None:
         tier, q = self.lower[index], self._behind_queues[index]
+        lower_priority(self.settings.background_nice)
         while not self._closed.is_set():
             try:
                 keys = q.get(timeout=0.1)

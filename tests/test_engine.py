@@ -300,3 +300,29 @@ def test_log_level_takes_effect_in_a_bare_process() -> None:
     assert "kvcore engine: tiers cpu" not in quiet.stderr
     assert "kvcore engine: tiers cpu" in loud.stderr
     assert quiet.stderr.count("KVCORE_CPU_SIZE=100 bytes is smaller than one chunk") == 1
+
+
+def test_background_threads_yield_the_cpu() -> None:
+    """Stores run at KVCORE_BACKGROUND_NICE above the caller's nice value (0: the same)."""
+    from kvcore.background import thread_nice
+
+    seen: dict[int, int] = {}
+
+    class Recording:
+        def chunk_nbytes(self) -> int:
+            return 16
+
+        def fill(self, indices, dests) -> None:  # type: ignore[no-untyped-def]
+            seen[len(seen)] = thread_nice()
+            for dest in dests:
+                dest[:] = 1
+
+    mine = thread_nice()
+    for nice in (10, 0):
+        engine = CacheEngine(load_settings(chunk_size=CHUNK, background_nice=nice))
+        try:
+            keys = chunk_keys(Namespace(f"nice{nice}"), range(CHUNK), CHUNK)
+            assert engine.store(keys, Recording()).wait(5) == 1
+        finally:
+            engine.close()
+    assert seen == {0: min(19, mine + 10), 1: mine}

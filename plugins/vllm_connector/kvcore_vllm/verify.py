@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kvcore.background import lower_priority
 from kvcore.engine import CacheEngine
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey
 
@@ -76,7 +77,9 @@ class Verifier:
     def __init__(self, engine: CacheEngine, tolerance: float) -> None:
         self.engine = engine
         self.tolerance = tolerance
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcore-verify")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcore-verify",
+                                        initializer=lower_priority,
+                                        initargs=(engine.settings.background_nice,))
         self._pending = 0
         self._lock = threading.Lock()
         self._logged = False

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvcore.background import lower_priority
 from kvcore.engine import CacheEngine, StoreHandle
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace
 from kvcore_vllm.copyops import KVLayout, gather, layout_for, scatter
@@ -290,7 +291,9 @@ class WorkerSide:
 
     def _load_in_background(self, specs: list[LoadSpec]) -> None:
         """Asynchronous loads: lease and scatter; ``get_finished`` then reports each request
-        received, with its failed blocks (vLLM re-zeroes and recomputes those)."""
+        received, with its failed blocks (vLLM re-zeroes and recomputes those). Runs at the
+        background priority: the batch that computes meanwhile comes first."""
+        lower_priority(self.engine.settings.background_nice)
         for spec in specs:
             failed: list[int] = []
             first_failed = 0
