@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kvcore-installed
 PLUGINS := plugins/lmdb_store plugins/redis_store plugins/vllm_connector plugins/sglang_connector plugins/nixl_transport
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast fault demo bench clean docs
+.PHONY: install system-deps test test-fast fault demo bench clean docs lint
 
 install: $(STAMP)
 
@@ -76,6 +76,13 @@ demo: install
 
 docs: install
 	$(PY) -m kvcore.cli.main config --reference > docs/configuration.md
+
+# The lint and type gate (CI runs it before the tests): rules in pyproject.toml.
+LINT_TYPED := kvcore $(wildcard plugins/*/kvcore_*) examples/kvcore-example-tier/kvcore_example_tier
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(LINT_TYPED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvcore/_native/*.so
