@@ -109,7 +109,7 @@ def _child(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     from kvcore_vllm import runtime
-    from kvcore_vllm.testing import random_prompt
+    from kvcore_vllm.testing import drain, random_prompt
 
     spec = json.loads(Path(spec_path).read_text())
     n = spec["tokens"]
@@ -122,12 +122,14 @@ def _child(spec_path: str, out_path: str) -> None:
     once = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate([TokensPrompt(prompt_token_ids=prefix)], once, use_tqdm=False)
     runtime.flush_all()
+    drain(llm)  # vLLM frees the blocks kvcore's store held
     with runtime._lock:
         engines = [e for e, _ in runtime._engines.values()]
     for engine in engines:  # the prefix now lives only in the lower tier
         engine.flush(60.0)
         engine.clear(tier="cpu")
-    llm.reset_prefix_cache()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache: the load would not come from kvcore")
 
     core = llm.llm_engine
     decode = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True,
@@ -163,6 +165,7 @@ def _child(spec_path: str, out_path: str) -> None:
         "ttft_s": ttft,
         "cached_tokens": cached,
         "async_loads": counters.get("vllm_async_loads_total", 0),
+        "loaded_tokens": counters.get("vllm_loaded_tokens_total", 0),
     }))
 
 

@@ -83,7 +83,7 @@ def _child(spec_path: str, out_path: str) -> None:
 
     from kvcore.keys import NAMESPACE_BYTES
     from kvcore_vllm import runtime
-    from kvcore_vllm.testing import random_prompt
+    from kvcore_vllm.testing import drain, random_prompt
     from kvcore_vllm.verify import live_verifiers
 
     spec = json.loads(Path(spec_path).read_text())
@@ -97,6 +97,11 @@ def _child(spec_path: str, out_path: str) -> None:
     def generate(prompts: list[list[int]]) -> None:
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], once, use_tqdm=False)
         runtime.flush_all()
+        drain(llm)  # vLLM frees the blocks kvcore's stores held: its prefix cache can reset
+
+    def reset() -> None:
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache: the hits would not come from kvcore")
 
     with runtime._lock:
         engine = next(e for e, _ in runtime._engines.values())
@@ -116,7 +121,7 @@ def _child(spec_path: str, out_path: str) -> None:
     clean = [random_prompt(2 * CHUNK + 1, seed=1000 + i) for i in range(spec["clean"])]
     for i in range(0, len(clean), 8):
         generate(clean[i:i + 8])
-    llm.reset_prefix_cache()
+    reset()
     for prompt in clean:
         generate([prompt])
     settle(2 * len(clean))
@@ -130,7 +135,7 @@ def _child(spec_path: str, out_path: str) -> None:
         "tolerance": verifier.tolerance,
         "faults": {},
     }
-    llm.reset_prefix_cache()
+    reset()
     rng = random.Random(3)
     k = CHUNK // 128  # vLLM CPU blocks of 128 tokens
     seed = 5000
@@ -151,7 +156,7 @@ def _child(spec_path: str, out_path: str) -> None:
             engine.store_buffers([keys[1]], [bad]).wait()
             before = count("verify_mismatch_total")
             checked = count("verify_chunks_total")
-            llm.reset_prefix_cache()
+            reset()
             generate([prompt])
             settle(checked + 3)
             detected += count("verify_mismatch_total") > before

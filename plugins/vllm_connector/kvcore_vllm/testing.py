@@ -245,7 +245,7 @@ def _child(spec_path: str, out_path: str) -> None:
         seconds = time.perf_counter() - started
         if step["flush_kvcore"]:
             _flush_connector()
-            _drain(llm)
+            drain(llm)
         results.append({
             "label": step["label"],
             "outputs": [list(o.outputs[0].token_ids) for o in outputs],
@@ -258,7 +258,7 @@ def _child(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps({"steps": results, **report}))
 
 
-def _drain(llm: Any) -> None:
+def drain(llm: Any) -> None:
     """Step the in-process engine until finished requests released their blocks."""
     core = getattr(llm.llm_engine, "engine_core", None)
     inner = getattr(core, "engine_core", None)
