@@ -23,7 +23,7 @@ class RunSummary:
 
     def row(self) -> dict[str, float]:
         all_, rep = self.ttfts(), self.ttfts(True)
-        tokens = sum(r.request.tokens + r.output_tokens for r in self.results)
+        tokens = sum(r.prompt_tokens + r.output_tokens for r in self.results)
         return {
             "requests": len(self.results),
             "ttft_mean_s": float(all_.mean()),
@@ -50,6 +50,28 @@ def table(runs: list[RunSummary]) -> str:
                      f"{r['ttft_p90_s']:>9.3f}s{_seconds(r['repeated_ttft_mean_s']):>10}"
                      f"{_seconds(r['repeated_ttft_p90_s']):>9}{r['requests_per_s']:>8.2f}"
                      f"{r['tokens_per_s']:>9.0f}{r['hit_ratio']:>10.1%}")
+    return "\n".join(lines)
+
+
+def same_answers(a: RunSummary, b: RunSummary) -> tuple[int, int]:
+    """How many answers of ``a`` equal ``b``'s answer to the same (user, round), and of how many."""
+    theirs = {(r.request.user, r.request.round): r.text for r in b.results}
+    pairs = [(r.text, theirs.get((r.request.user, r.request.round))) for r in a.results]
+    return sum(x == y for x, y in pairs), len(pairs)
+
+
+def answers(a: RunSummary, b: RunSummary, width: int = 100) -> str:
+    """Each question and its answer in run ``a``, marked with whether run ``b`` said the same."""
+    theirs = {(r.request.user, r.request.round): r.text for r in b.results}
+    lines = []
+    for r in a.results:
+        other = theirs.get((r.request.user, r.request.round))
+        mark = "same" if other == r.text else "DIFFERS"
+        lines.append(f"[{r.request.user} round {r.request.round}, {r.prompt_tokens} prompt tokens, "
+                     f"{mark} in {b.name}] Q: {r.request.question}")
+        lines.append("    A: " + " ".join(r.text.split())[:width * 3])
+        if other is not None and other != r.text:
+            lines.append(f"    {b.name}: " + " ".join(other.split())[:width * 3])
     return "\n".join(lines)
 
 
