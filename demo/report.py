@@ -84,7 +84,13 @@ def plot(runs: list[RunSummary], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for run in runs:
         ttft = [r.ttft_s for r in run.results]
-        ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=run.name)
+        line, = ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=run.name)
+        new = [(i + 1, r.ttft_s) for i, r in enumerate(run.results) if not r.request.repeated_prefix]
+        if new:  # hollow markers: requests whose prefix nobody sent before
+            ax.plot(*zip(*new), linestyle="none", marker="o", markersize=9,
+                    markerfacecolor="white", markeredgecolor=line.get_color())
+    ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="gray",
+            label="new prefix (hollow)")
     ax.set_xlabel("request (in order sent)")
     ax.set_ylabel("time to first token (s)")
     ax.set_yscale("log")
