@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spent: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # alternate the engines: a busy machine hurts both alike
         plain_steps += run_engine(model, _plain_steps(sizes, args.repeats), connector=False,
-                                  llm_kwargs=llm_kwargs).steps
+                                  llm_kwargs=llm_kwargs, timeout=args.timeout_s).steps
         cached = run_engine(model, _kvcore_steps(sizes, args.repeats), llm_kwargs=llm_kwargs,
-                            env={"KVCORE_CPU_SIZE": f"{args.cpu_gib}GiB"})
+                            env={"KVCORE_CPU_SIZE": f"{args.cpu_gib}GiB"},
+                            timeout=args.timeout_s)
         cached_steps += cached.steps
         for name, value in cached.connector.items():
             connector[name] = connector.get(name, 0) + value
@@ -196,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "warmed-up server (a fresh large pool adds first-touch page faults "
                              "to whatever writes a block first)")
     parser.add_argument("--cpu-gib", type=int, default=4)
+    parser.add_argument("--timeout-s", type=float, default=3600.0,
+                        help="longest run of one engine process (a busy machine is slow)")
 
 
 def main() -> None:
