@@ -1,4 +1,5 @@
-"""``python -m demo``: vLLM with kvcore against vLLM alone, on one workload, with a table and a plot.
+"""``python -m demo``: vLLM with kvcore against vLLM alone, on one workload, with a table and a
+plot.
 
 Both runs use the same model, the same engine KV pool (small on purpose: a serving engine's pool
 is always smaller than the set of live conversations) and the same requests. kvcore runs on its
@@ -38,7 +39,8 @@ def hit_ratio(before: dict[str, float], after: dict[str, float]) -> float:
     return hits / queries if queries else 0.0
 
 
-def run_requests(server: VLLMServer, name: str, workload: str, args: argparse.Namespace) -> RunSummary:
+def run_requests(server: VLLMServer, name: str, workload: str,
+                 args: argparse.Namespace) -> RunSummary:
     results: list[Result] = []
     before = server.metrics()
     started = time.perf_counter()
@@ -82,8 +84,8 @@ def main() -> int:
                         help="mooncake: tokens per 512-token trace block (scaled down)")
     parser.add_argument("--max-model-len", type=int, default=6144)
     parser.add_argument("--kv-pool-tokens", type=int, default=6400,
-                        help="engine KV pool, in tokens (small on purpose; at least --max-model-len "
-                             "plus two blocks)")
+                        help="engine KV pool, in tokens (small on purpose; at least "
+                             "--max-model-len plus two blocks)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()

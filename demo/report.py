@@ -85,7 +85,8 @@ def plot(runs: list[RunSummary], path: Path, title: str) -> None:
     for run in runs:
         ttft = [r.ttft_s for r in run.results]
         line, = ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=run.name)
-        new = [(i + 1, r.ttft_s) for i, r in enumerate(run.results) if not r.request.repeated_prefix]
+        new = [(i + 1, r.ttft_s) for i, r in enumerate(run.results)
+               if not r.request.repeated_prefix]
         if new:  # hollow markers: requests whose prefix nobody sent before
             ax.plot(*zip(*new), linestyle="none", marker="o", markersize=9,
                     markerfacecolor="white", markeredgecolor=line.get_color())

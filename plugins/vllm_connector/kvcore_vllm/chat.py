@@ -1,4 +1,5 @@
-"""Multi-turn chats on a real vLLM engine (with its tokenizer and chat template), in a child process.
+"""Multi-turn chats on a real vLLM engine (with its tokenizer and chat template), in a child
+process.
 
 :func:`run_engine` in :mod:`kvcore_vllm.testing` sends fixed token-id prompts; a chat needs the
 model's own answers in the next turn's prompt, so this runner keeps the conversations in the
@@ -97,7 +98,7 @@ def _child(spec_path: str, out_path: str) -> None:
     """The child process: one LLM, the chats turn by turn, results as JSON."""
     from vllm import LLM, SamplingParams
 
-    from kvcore_vllm.testing import _connector_report, _drain, _flush_connector
+    from kvcore_vllm.testing import _connector_report, _flush_connector, drain
 
     spec = json.loads(Path(spec_path).read_text())
     kwargs: dict[str, Any] = {"model": spec["model"], "dtype": "bfloat16", "enforce_eager": True,
@@ -122,14 +123,16 @@ def _child(spec_path: str, out_path: str) -> None:
         if spec["reset"] and turn > 0:
             llm.reset_prefix_cache()
         started = time.perf_counter()
-        outputs = llm.chat([histories[i] for i in active], params, use_tqdm=False)
+        outputs = llm.chat([histories[i] for i in active], params,  # type: ignore[arg-type]
+                           use_tqdm=False)
         seconds.append(time.perf_counter() - started)
         _flush_connector()
-        _drain(llm)
+        drain(llm)
         for i, output in zip(active, outputs):
             answer = output.outputs[0]
             histories[i].append({"role": "assistant", "content": answer.text})
-            turns.append({"chat": i, "turn": turn, "prompt_tokens": len(output.prompt_token_ids),
+            turns.append({"chat": i, "turn": turn,
+                          "prompt_tokens": len(output.prompt_token_ids or ()),
                           "num_cached_tokens": int(output.num_cached_tokens or 0),
                           "answer_token_ids": list(answer.token_ids), "answer": answer.text})
     Path(out_path).write_text(json.dumps({"turns": turns, "seconds": seconds,

@@ -9,7 +9,7 @@ share. About 20 s the first time, 270 MB on disk; later calls return at once.
 The package is located without importing it (importing it imports ``llm``, which is not needed)::
 
     from kvcore_vllm.smollm import build_smollm
-    model_dir = build_smollm()          # $KVCORE_SMOLLM_DIR or ~/.cache/kvcore/smollm2-135m-instruct
+    model_dir = build_smollm()  # $KVCORE_SMOLLM_DIR or ~/.cache/kvcore/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def build_smollm(directory: str | os.PathLike[str] | None = None) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - the install target brings both
-        raise SmolLMUnavailable(f"the GGUF conversion needs transformers and torch: {exc}")
+        raise SmolLMUnavailable(
+            f"the GGUF conversion needs transformers and torch: {exc}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".smollm-", dir=target.parent))
     try:
@@ -91,7 +92,7 @@ def build_smollm(directory: str | os.PathLike[str] | None = None) -> Path:
         # The weights are dequantized now: save them as plain bf16, not as a GGUF-quantized model.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
         if not getattr(tokenizer, "chat_template", None):
