@@ -129,15 +129,24 @@ def _child(spec_path: str, out_path: str) -> None:
               kv_cache_memory_bytes=1 << 30,
               kv_transfer_config=KVTransferConfig(kv_connector="KVCoreConnector",
                                                   kv_role="kv_both"))
-    prefix = random_prompt(n + 1, seed=7)
+    prefix = random_prompt(n + 1, seed=7)  # loaded from the lower tier
+    local = random_prompt(n + 1, seed=8)  # the no-load case: in vLLM's own prefix cache
     once = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate([TokensPrompt(prompt_token_ids=prefix)], once, use_tqdm=False)
-    runtime.flush_all()
-    drain(llm)  # vLLM frees the blocks kvcore's store held
+
+    def generate(prompt: list[int]) -> None:
+        llm.generate([TokensPrompt(prompt_token_ids=prompt)], once, use_tqdm=False)
+        runtime.flush_all()
+        drain(llm)  # vLLM frees the blocks kvcore's stores held
+
+    generate(prefix)
     with runtime._lock:
         engines = [e for e, _ in runtime._engines.values()]
-    for engine in engines:  # write-behind done: the lower tier holds the prefix
+    for engine in engines:  # write-behind done: the prefix is in the lower tier only
         engine.flush(60.0)
+        engine.clear(tier="cpu")
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache: the load would not come from kvcore")
+    generate(local)
 
     core = llm.llm_engine
     decode = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True,
@@ -153,10 +162,10 @@ def _child(spec_path: str, out_path: str) -> None:
         core.step()
         baseline.append(time.perf_counter() - started)
 
-    def join(request_id: str) -> tuple[list[float], float, int]:
-        """Steps from the arrival of a request with the prefix to its first token."""
+    def join(request_id: str, prompt: list[int]) -> tuple[list[float], float, int]:
+        """Steps from the arrival of a request to its first token."""
         arrived = time.perf_counter()
-        core.add_request(request_id, TokensPrompt(prompt_token_ids=prefix), once)
+        core.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), once)
         window: list[float] = []
         for _ in range(10_000):
             started = time.perf_counter()
@@ -167,20 +176,16 @@ def _child(spec_path: str, out_path: str) -> None:
                 return window, time.perf_counter() - arrived, int(done[0].num_cached_tokens or 0)
         raise RuntimeError(f"{request_id} produced no token")
 
-    noload, _, local = join("noload")  # the prefix is still in vLLM's own cache
-    for _ in range(3):
-        core.step()  # vLLM frees the blocks of the finished request
-    for engine in engines:
-        engine.clear(tier="cpu")
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("vLLM kept its prefix cache: the load would not come from kvcore")
     before = runtime.counters(engines[0]).get("vllm_loaded_tokens_total", 0)
-    window, ttft, cached = join("load")
+    noload, _, local_hit = join("noload", local)
+    for _ in range(3):
+        core.step()
+    window, ttft, cached = join("load", prefix)
     counters = runtime.counters(engines[0]) if engines else {}
     Path(out_path).write_text(json.dumps({
         "baseline_step_s": statistics.mean(baseline),
         "noload_join_step_s": max(noload),
-        "noload_cached_tokens": local,
+        "noload_cached_tokens": local_hit,
         "window_s": window,
         "ttft_s": ttft,
         "cached_tokens": cached,
