@@ -41,7 +41,7 @@ CHILD = textwrap.dedent('''
     from vllm.inputs import TokensPrompt
     import kvcore_vllm.connector as connector
     from kvcore_vllm.runtime import flush_all
-    from kvcore_vllm.testing import _drain
+    from kvcore_vllm.testing import drain as _drain
     from kvcore.control import attach
     from kvcore.control.client import ControllerClient
 
