@@ -277,22 +277,29 @@ def test_load_from_a_lower_tier_is_asynchronous(harness_factory) -> None:
     assert counter(h, "vllm_async_loads_total") == 1
 
 
-def test_failed_asynchronous_load_is_recomputed(harness_factory) -> None:
-    """(6) A corrupt chunk in an asynchronous load: reported with the request, recomputed."""
-    h = harness_factory()
+def load_broken_prompt(h, seed: int, steps: int, broken: str, chunk: int):
+    """A 4-chunk prompt held only in a slow tier whose chunk ``chunk`` is ``broken`` (a set of
+    SlowMemoryTier): request it and step until vLLM holds all 4 chunks."""
     tier = with_slow_tier(h, delay_s=0.0)
-    tokens = prompt(4, seed=34)
+    tokens = prompt(4, seed=seed)
     store_prompt(h, tokens)
     only_in_slow_tier(h, tokens)
     keys = h.connector_scheduler.engine.keys_for(h.connector_scheduler.namespace, tokens)
-    tier.corrupt.add(keys[2])
+    getattr(tier, broken).add(keys[chunk])
     req = h.request(tokens)
-    for _ in range(10):
+    for _ in range(steps):
         h.step()
         if req.num_computed_tokens >= 4 * CHUNK:
             break
-    assert any(len(e) == 4 for e in h.error_log)  # chunks 2 and 3, two blocks each
     assert h.blocks_match(req, 4 * CHUNK)
+    return tokens
+
+
+def test_failed_asynchronous_load_is_recomputed(harness_factory) -> None:
+    """(6) A corrupt chunk in an asynchronous load: reported with the request, recomputed."""
+    h = harness_factory()
+    tokens = load_broken_prompt(h, seed=34, steps=10, broken="corrupt", chunk=2)
+    assert any(len(e) == 4 for e in h.error_log)  # chunks 2 and 3, two blocks each
     h.run_until_idle()
     assert h.stored_chunks_correct(tokens) == [True] * 4  # chunk 2 stored again, right
 
@@ -302,18 +309,7 @@ def test_a_chunk_that_never_loads_is_not_retried_for_ever(harness_factory) -> No
     sends the request back to the waiting queue, and its next lookup must not claim that
     chunk again (else it would wait for it for ever)."""
     h = harness_factory()
-    tier = with_slow_tier(h, delay_s=0.0)
-    tokens = prompt(4, seed=36)
-    store_prompt(h, tokens)
-    only_in_slow_tier(h, tokens)
-    keys = h.connector_scheduler.engine.keys_for(h.connector_scheduler.namespace, tokens)
-    tier.unreadable.add(keys[0])
-    req = h.request(tokens)
-    for _ in range(20):
-        h.step()
-        if req.num_computed_tokens >= 4 * CHUNK:
-            break
-    assert h.blocks_match(req, 4 * CHUNK)
+    load_broken_prompt(h, seed=36, steps=20, broken="unreadable", chunk=0)
     assert counter(h, "vllm_async_loads_total") == 3  # LOAD_RETRIES, then recomputed
     h.run_until_idle()
 
