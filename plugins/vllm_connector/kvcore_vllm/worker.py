@@ -73,7 +73,6 @@ class _LayerwiseLoad:
         self.worker = worker
         self.jobs = jobs
         self.events = [threading.Event() for _ in worker.layers]
-        self.failed: set[int] = set()
         self.failed_specs: list[LoadSpec] = []
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="kvcore-layerwise", daemon=True)
@@ -81,7 +80,6 @@ class _LayerwiseLoad:
 
     def fail(self, spec: LoadSpec) -> None:
         with self._lock:
-            self.failed.update(spec.block_ids)
             self.failed_specs.append(spec)
 
     def _run(self) -> None:
@@ -327,7 +325,7 @@ class WorkerSide:
         load, self._layerwise = self._layerwise, None
         if load is not None:
             load.thread.join()
-            self._fail(sorted(load.failed))
+            self._fail(sorted({b for spec in load.failed_specs for b in spec.block_ids}))
             for spec in load.failed_specs:
                 self._note_unstored(spec.req_id, spec.first_chunk)
 
