@@ -14,6 +14,7 @@ from typing import Any
 
 from kvcore.config import Settings
 from kvcore.engine import CacheEngine
+from kvcore_vllm.verify import live_verifiers
 
 log = logging.getLogger("vllm.kvcore")
 
@@ -58,7 +59,10 @@ def release_engine(engine: CacheEngine) -> None:
 
 
 def flush_all(timeout: float = 30.0) -> None:
-    """Wait for every engine's queued stores and write-behind (tests, benchmarks)."""
+    """Wait for every worker's pending verifications, then every engine's queued stores and
+    write-behind (tests, benchmarks)."""
+    for verifier in live_verifiers():
+        verifier.flush(timeout)
     with _lock:
         engines = [e for e, _ in _engines.values()]
     for engine in engines:

@@ -246,6 +246,7 @@ def _child(spec_path: str, out_path: str) -> None:
         if step["flush_kvcore"]:
             _flush_connector()
             drain(llm)
+            _flush_connector()  # what the drained steps stored or verified
         results.append({
             "label": step["label"],
             "outputs": [list(o.outputs[0].token_ids) for o in outputs],
