@@ -23,16 +23,7 @@ from typing import Any
 import pytest
 from conftest import HERE
 
-pytestmark = [
-    pytest.mark.vllm,
-    # Known regression, open in issue 17: since the side channel's hardening (HMAC handshake,
-    # leases owned by their connection) the decode server's reads from the prefill server find
-    # "4 of 4 promised chunks unavailable" inside real vLLM servers, with synchronous and with
-    # asynchronous loads alike; the NIXL unit and hostile tests pass. Run with
-    # KVCORE_RUN_PD_VLLM=1 while it is being fixed.
-    pytest.mark.skipif(os.environ.get("KVCORE_RUN_PD_VLLM") != "1",
-                       reason="P/D inside real vLLM regressed (issue 17); KVCORE_RUN_PD_VLLM=1"),
-]
+pytestmark = pytest.mark.vllm
 testing = pytest.importorskip("kvcore_vllm.testing")
 
 CHUNK = 256
@@ -43,6 +34,15 @@ SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "16384", "--max-num-batche
                 "16384", "--seed", "0", "--kv-cache-memory-bytes", str(1 << 30),
                 "--enable-prompt-tokens-details", "--kv-transfer-config",
                 json.dumps({"kv_connector": "KVCoreConnector", "kv_role": "kv_both"})]
+
+
+def cores_for(role: str) -> str:
+    """One core per server (``VLLM_CPU_OMP_THREADS_BIND``): vLLM pins a CPU worker's threads to
+    its OpenMP cores, and two workers on the same core starve each other (their busy-polling
+    loops leave the prefill's side channel seconds without CPU, so the decode side's reads time
+    out). Separate resources are what a P/D deployment has anyway."""
+    cores = sorted(os.sched_getaffinity(0))
+    return str(cores[0] if role == "prefill" else cores[-1])
 
 
 def free_port() -> int:
@@ -153,7 +153,8 @@ def servers(model: Path, tmp_path: Path) -> Iterator:
     started: list[Server] = []
 
     def start(role: str, env: dict[str, str]) -> Server:
-        server = Server(model, tmp_path / f"{role}.log", {"UCX_TLS": "tcp", **env})
+        server = Server(model, tmp_path / f"{role}.log",
+                        {"UCX_TLS": "tcp", "VLLM_CPU_OMP_THREADS_BIND": cores_for(role), **env})
         started.append(server)
         return server
 
