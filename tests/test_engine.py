@@ -326,3 +326,30 @@ def test_background_threads_yield_the_cpu() -> None:
         finally:
             engine.close()
     assert seen == {0: min(19, mine + 10), 1: mine}
+
+
+def test_lowered_priority_does_not_compound() -> None:
+    """A pool started from a lowered thread (a tier call from the store thread) stays at the
+    process's nice + KVCORE_BACKGROUND_NICE, not twice that."""
+    import threading
+
+    from kvcore.background import lower_priority, thread_nice
+
+    base = thread_nice()
+    seen: list[int] = []
+
+    def inner() -> None:
+        lower_priority(5)
+        seen.append(thread_nice())
+
+    def outer() -> None:
+        lower_priority(5)
+        seen.append(thread_nice())
+        child = threading.Thread(target=inner)
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=outer)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, base + 5), min(19, base + 5)]
