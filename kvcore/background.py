@@ -5,8 +5,8 @@ beside an engine that is computing. On a host with few cores their memory copies
 client decoding would otherwise slow the engine's own threads. On Linux every thread has its own
 nice value; :func:`lower_priority` sets the calling thread's to the process's plus
 ``KVCORE_BACKGROUND_NICE`` (10 by default; 0 leaves it), once: a thread started by a lowered
-thread inherits its value and is not lowered again. Work on the critical path (a synchronous load, layer-wise loads the
-forward waits for) keeps the engine's priority.
+thread inherits its value and is not lowered again. Work on the critical path (a synchronous
+load, layer-wise loads the forward waits for) keeps the engine's priority.
 """
 
 from __future__ import annotations
