@@ -24,7 +24,7 @@ from kvcore.tiers.cpu import CpuTier
 
 def fill_index(engine: CacheEngine, n: int) -> None:
     """Index ``n`` one-byte chunks directly through the CPU tier (reserve + commit)."""
-    cpu: CpuTier = engine.cpu
+    cpu: CpuTier = engine.memory
     prefix = Namespace("filler").digest
     for i in range(n):
         key = prefix + i.to_bytes(16, "little")

@@ -1,7 +1,8 @@
 """The cache engine: lookup, store, retrieve, prefetch, delete, pin across the configured tiers.
 
-The first tier is the in-process CPU tier; every tier after it comes from a plugin and is used
-through the :class:`~kvcore.interfaces.Tier` interface only, with no special cases:
+The first tier is the memory tier (a :class:`~kvcore.interfaces.MemoryTier`; the in-process CPU
+tier by default); every tier after it comes from a plugin and is used through the
+:class:`~kvcore.interfaces.Tier` interface only, with no special cases:
 
 - **lookup** counts the leading run of chunks held by any tier (no data moves) and starts a
   prefetch of those found only below the CPU tier, so the load that follows finds them in memory;
@@ -31,12 +32,11 @@ import numpy as np
 from kvcore import chunk_format, logs
 from kvcore.background import lower_priority
 from kvcore.config import ConfigError, Settings, load_settings
-from kvcore.interfaces import Buffer, Tier, TierContext
+from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
 from kvcore.metrics import Metrics
 from kvcore.pending import PendingStores
 from kvcore.plugins import PluginRegistry, get_registry
-from kvcore.tiers.cpu import CpuTier
 
 log = logging.getLogger("kvcore.engine")
 
@@ -101,8 +101,9 @@ class StoreHandle:
 class ChunkLease:
     """Views of the leading cached chunks, valid (never evicted) until :meth:`close`."""
 
-    def __init__(self, cpu: CpuTier, keys: list[ChunkKey], views: list[memoryview]) -> None:
-        self._cpu = cpu
+    def __init__(self, memory: MemoryTier, keys: list[ChunkKey],
+                 views: list[memoryview]) -> None:
+        self._memory = memory
         self.keys = keys
         self.views = views
         self._open = True
@@ -117,7 +118,7 @@ class ChunkLease:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._cpu.release(self.keys)
+            self._memory.release(self.keys)
 
     def __enter__(self) -> ChunkLease:
         return self
@@ -212,12 +213,13 @@ class CacheEngine:
         settings: Settings | None = None,
         registry: PluginRegistry | None = None,
         tiers: Sequence[Tier] | None = None,
-        serve_cpu: bool = True,
+        serve_memory: bool = True,
     ) -> None:
-        """``serve_cpu=False``: lower tiers must not offer this instance's CPU tier to peers
-        (a lookup-only instance, such as vLLM's scheduler when its worker runs elsewhere)."""
+        """``serve_memory=False``: lower tiers must not offer this instance's memory tier to
+        peers (a lookup-only instance, such as vLLM's scheduler when its worker runs
+        elsewhere)."""
         self.settings = settings or load_settings()
-        self._serve_cpu = serve_cpu
+        self._serve_memory = serve_memory
         self.pending = PendingStores()
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logs.configure(self.settings.log_level)
@@ -227,15 +229,16 @@ class CacheEngine:
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
         built = list(tiers) if tiers is not None else self._build_tiers()
         first = built[0]
-        if not isinstance(first, CpuTier):
+        if not isinstance(first, MemoryTier):
             if tiers is None:
                 for tier in built:
                     tier.close()
             raise ConfigError(
-                f"KVCORE_TIERS={','.join(self.settings.tiers)!r}: the first tier must be the "
-                "memory tier 'cpu' (lower tiers follow it, for example cpu,lmdb)"
+                f"KVCORE_TIERS={','.join(self.settings.tiers)!r}: the first tier must be a "
+                "memory tier, such as 'cpu' (lower tiers follow it, for example cpu,lmdb)"
             )
-        self.cpu: CpuTier = first
+        self.memory: MemoryTier = first
+        """The memory tier: every load is served from it, every store lands in it first."""
         nice = self.settings.background_nice
         self.lower = [_LowerTier(t, self.settings.tier_timeout_s, self.metrics, nice)
                       for t in built[1:]]
@@ -256,7 +259,7 @@ class CacheEngine:
             thread.start()
         self._warned_chunk_too_large = False
         log.info("kvcore engine: tiers %s, chunk %d tokens, CPU budget %d bytes, policy %s",
-                 ",".join(t.name for t in self.tiers), self.chunk_size, self.cpu.budget,
+                 ",".join(t.name for t in self.tiers), self.chunk_size, self.memory.budget,
                  self.settings.eviction)
 
     def _build_tiers(self) -> list[Tier]:
@@ -267,11 +270,10 @@ class CacheEngine:
         try:
             for name in self.settings.tiers:
                 factory = self.registry.tier_factory(name)
-                context = TierContext(name, self.settings, policy_factory, self._notify)
-                if tiers:
-                    context.extra["cpu"] = tiers[0]  # lower tiers may serve it (kvcore-nixl)
-                    context.extra["serve_cpu"] = self._serve_cpu
-                    context.extra["pending"] = self.pending
+                memory = tiers[0] if tiers and isinstance(tiers[0], MemoryTier) else None
+                context = TierContext(name, self.settings, policy_factory, self._notify,
+                                      memory=memory, serve_memory=self._serve_memory,
+                                      pending=self.pending if memory is not None else None)
                 tier = factory(context)
                 tier.name = name
                 tiers.append(tier)
@@ -289,7 +291,7 @@ class CacheEngine:
     def subscribe(self, observer: Callable[[str, str, list[ChunkKey]], None]) -> None:
         """Call ``observer(tier, "admit" | "evict", keys)`` on every admission and eviction."""
         self._observers.append(observer)
-        self.cpu._notify = self._notify
+        self.memory._notify = self._notify
 
     def _notify(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
         self.metrics.inc(f"chunks_{kind}ed_total" if kind == "admit" else "evictions_total",
@@ -315,8 +317,8 @@ class CacheEngine:
         keys = list(keys)
         result = LookupResult(0, self.chunk_size)
         # source[i]: the first tier (fastest first) that holds chunk i, None where none does
-        source: list[str | None] = [self.cpu.name if hit else None
-                                    for hit in self.cpu.contains(keys)]
+        source: list[str | None] = [self.memory.name if hit else None
+                                    for hit in self.memory.contains(keys)]
         first_gap = next((i for i, s in enumerate(source) if s is None), len(keys))
         missing = [i for i in range(first_gap, len(keys)) if source[i] is None]
         for tier in self.lower:
@@ -331,10 +333,10 @@ class CacheEngine:
         for name in source[:n]:
             assert name is not None  # the first n chunks all have a source
             result.by_tier[name] = result.by_tier.get(name, 0) + 1
-        in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.cpu.name]
+        in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.memory.name]
         if in_memory:
-            self.cpu.touch(in_memory)
-        below = [i for i in range(n) if source[i] != self.cpu.name]
+            self.memory.touch(in_memory)
+        below = [i for i in range(n) if source[i] != self.memory.name]
         if prefetch and below:
             self._start_prefetch([keys[i] for i in below],
                                  {keys[i]: (keys[i - 1] if i else None) for i in below})
@@ -371,7 +373,7 @@ class CacheEngine:
     def _promote(self, keys: list[ChunkKey], parents: dict[ChunkKey, ChunkKey | None]) -> int:
         """Read ``keys`` from lower tiers and copy them into the CPU tier."""
         try:
-            missing = [k for k, hit in zip(keys, self.cpu.contains(keys)) if not hit]
+            missing = [k for k, hit in zip(keys, self.memory.contains(keys)) if not hit]
             promoted = 0
             for tier in self.lower:
                 if not missing:
@@ -381,7 +383,7 @@ class CacheEngine:
                 for key, payload in zip(missing, payloads):
                     if payload is None:
                         still.append(key)
-                    elif self.cpu.put_one(key, [payload], parents.get(key)):
+                    elif self.memory.put_one(key, [payload], parents.get(key)):
                         promoted += 1
                         self.metrics.inc("promoted_chunks_total", label=tier.name)
                 missing = still
@@ -434,18 +436,18 @@ class CacheEngine:
 
     def _store_now(self, keys: list[ChunkKey], source: ChunkSource) -> int:
         started = time.perf_counter()
-        present = self.cpu.contains(keys)
+        present = self.memory.contains(keys)
         nbytes = source.chunk_nbytes()
-        if nbytes > self.cpu.budget and not self._warned_chunk_too_large:
+        if nbytes > self.memory.budget and not self._warned_chunk_too_large:
             self._warned_chunk_too_large = True
             log.warning("kvcore: KVCORE_CPU_SIZE=%d bytes is smaller than one chunk (%d bytes): "
                         "nothing can be stored; raise KVCORE_CPU_SIZE or lower "
-                        "KVCORE_CHUNK_SIZE", self.cpu.budget, nbytes)
+                        "KVCORE_CHUNK_SIZE", self.memory.budget, nbytes)
         indices, dests, reserved = [], [], []
         for i, key in enumerate(keys):
             if present[i]:
                 continue
-            buf = self.cpu.reserve(key, nbytes, keys[i - 1] if i else None)
+            buf = self.memory.reserve(key, nbytes, keys[i - 1] if i else None)
             if buf is None:
                 self.metrics.inc("store_rejected_chunks_total")
                 continue
@@ -458,12 +460,12 @@ class CacheEngine:
             source.fill(indices, dests)
         except Exception:
             for key in reserved:
-                self.cpu.abort(key)
+                self.memory.abort(key)
             raise
         for key in reserved:
-            self.cpu.commit(key)
+            self.memory.commit(key)
         self.metrics.inc("stored_chunks_total", len(reserved))
-        self.metrics.inc("bytes_stored_total", nbytes * len(reserved), self.cpu.name)
+        self.metrics.inc("bytes_stored_total", nbytes * len(reserved), self.memory.name)
         self.metrics.observe("store_seconds", time.perf_counter() - started)
         if self.settings.write_behind:
             for q in self._behind_queues:
@@ -487,13 +489,13 @@ class CacheEngine:
                 q.task_done()
 
     def _write_behind(self, tier: _LowerTier, keys: list[ChunkKey]) -> None:
-        views = self.cpu.acquire(keys)
+        views = self.memory.acquire(keys)
         held = [(k, v) for k, v in zip(keys, views) if v is not None]
         try:
             if held:
                 tier.put(held, self.chunk_size)
         finally:
-            self.cpu.release([k for k, _ in held])
+            self.memory.release([k for k, _ in held])
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until queued stores and write-behind are done (tests, shutdown)."""
@@ -514,23 +516,23 @@ class CacheEngine:
         at most ``timeout_s``), verified and promoted. Close the lease when the copy is done.
         """
         keys = list(keys)
-        views = self.cpu.acquire(keys)
+        views = self.memory.acquire(keys)
         if self.lower and any(v is None for v in views):
             first_gap = next(i for i, v in enumerate(views) if v is None)
             self._wait_inflight(keys[first_gap:], timeout_s or self.settings.tier_timeout_s)
             held = [k for k, v in zip(keys[first_gap:], views[first_gap:]) if v is not None]
-            self.cpu.release(held)
+            self.memory.release(held)
             parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
             self._promote(keys[first_gap:], parents)
-            views[first_gap:] = self.cpu.acquire(keys[first_gap:])
+            views[first_gap:] = self.memory.acquire(keys[first_gap:])
         n = 0
         while n < len(views) and views[n] is not None:
             n += 1
-        self.cpu.release([k for k, v in zip(keys[n:], views[n:]) if v is not None])
+        self.memory.release([k for k, v in zip(keys[n:], views[n:]) if v is not None])
         leased = [v for v in views[:n] if v is not None]
         loaded = sum(v.nbytes for v in leased)
-        self.metrics.inc("bytes_loaded_total", loaded, self.cpu.name)
-        return ChunkLease(self.cpu, keys[:n], leased)
+        self.metrics.inc("bytes_loaded_total", loaded, self.memory.name)
+        return ChunkLease(self.memory, keys[:n], leased)
 
     def _wait_inflight(self, keys: Sequence[ChunkKey], timeout_s: float) -> None:
         with self._inflight_lock:
@@ -554,7 +556,7 @@ class CacheEngine:
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         """Remove chunks from every tier; return how many copies were removed."""
         keys = list(keys)
-        removed = self.cpu.delete(keys)
+        removed = self.memory.delete(keys)
         for tier in self.lower:
             removed += tier.call("delete", tier.tier.delete, keys, default=0)
         return removed
@@ -562,12 +564,12 @@ class CacheEngine:
     def pin(self, keys: Sequence[ChunkKey]) -> int:
         """Keep chunks through eviction in every tier that supports pinning."""
         keys = list(keys)
-        return self.cpu.pin(keys) + sum(
+        return self.memory.pin(keys) + sum(
             t.call("pin", t.tier.pin, keys, default=0) for t in self.lower)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> int:
         keys = list(keys)
-        return self.cpu.unpin(keys) + sum(
+        return self.memory.unpin(keys) + sum(
             t.call("unpin", t.tier.unpin, keys, default=0) for t in self.lower)
 
     def clear(self, namespace: Namespace | bytes | None = None, tier: str | None = None) -> int:
@@ -578,9 +580,9 @@ class CacheEngine:
             if tier is not None and t.name != tier:
                 continue
             keys = [k for k in t.iter_keys() if ns is None or key_namespace(k) == ns]
-            if t is self.cpu:
-                self.cpu.unpin(keys)
-                removed += self.cpu.delete(keys)
+            if t is self.memory:
+                self.memory.unpin(keys)
+                removed += self.memory.delete(keys)
             else:
                 lower = next(x for x in self.lower if x.tier is t)
                 removed += lower.call("delete", t.delete, keys, default=0)
@@ -593,13 +595,13 @@ class CacheEngine:
 
     @property
     def tiers(self) -> list[Tier]:
-        return [self.cpu, *(t.tier for t in self.lower)]
+        return [self.memory, *(t.tier for t in self.lower)]
 
     def stats(self) -> dict[str, Any]:
         """Tier usage plus metrics. A lower tier's usage is read with the same bounded wait as
         every other lower-tier call (a tier that does not answer reports an error)."""
         tiers: dict[str, Any] = {}
-        sources: list[CpuTier | _LowerTier] = [self.cpu, *self.lower]
+        sources: list[MemoryTier | _LowerTier] = [self.memory, *self.lower]
         for t in sources:
             try:
                 if isinstance(t, _LowerTier):

@@ -1,4 +1,5 @@
-"""The small interfaces that plugins implement: tiers, eviction policies, transports.
+"""The small interfaces that plugins implement: the memory tier, storage tiers, eviction
+policies, transports.
 
 Each is registered by name through a hook in :mod:`kvcore.hookspecs`. ``docs/plugins.md``
 walks through writing one; :mod:`kvcore.testing` holds the contract tests every implementation
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from kvcore.keys import ChunkKey
 
 if TYPE_CHECKING:
     from kvcore.config import Settings
+    from kvcore.pending import PendingStores
 
 Buffer = bytes | bytearray | memoryview
 """Anything exposing the buffer protocol as bytes."""
@@ -32,14 +36,22 @@ class TierUsage:
 
 @dataclass
 class TierContext:
-    """What a tier factory gets: the core settings and the eviction policy to use."""
+    """What a tier factory gets: the core settings, the eviction policy to use, and (for tiers
+    below memory) the engine's memory tier and its stores in progress."""
 
     name: str
     settings: Settings
     make_policy: Callable[[], EvictionPolicy]
     notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Optional: tiers report ``notify(tier_name, "admit" | "evict", keys)`` for observers."""
-    extra: dict = field(default_factory=dict)
+    memory: MemoryTier | None = None
+    """The engine's memory tier (None while the memory tier itself is built): a lower tier may
+    serve it to peers (kvcore-nixl)."""
+    serve_memory: bool = True
+    """False in a lookup-only engine (vLLM's scheduler when its worker runs elsewhere): its
+    memory holds no KV, so no lower tier may offer it to peers."""
+    pending: PendingStores | None = None
+    """Keys the engine is storing right now (a peer server waits for them instead of missing)."""
 
 
 class Tier(ABC):
@@ -106,6 +118,55 @@ class Tier(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources. Called once when the engine closes."""
+
+
+class MemoryTier(Tier):
+    r"""The first tier of every engine: host memory the engine copies KV into and out of.
+
+    Beside the :class:`Tier` methods it offers zero-copy access: a writer :meth:`reserve`\ s a
+    buffer, fills it in place (one batched gather) and :meth:`commit`\ s it; a reader
+    :meth:`acquire`\ s read-only views that stay valid (never evicted) until :meth:`release`.
+    Values are raw payloads (``framed = False``): the bytes never leave the process unverified,
+    and every path out of it (lower tiers, peers) frames or checks them. :class:`CpuTier
+    <kvcore.tiers.cpu.CpuTier>` is the in-process implementation; another (shared memory served
+    to several engines) stands in through the same methods.
+    """
+
+    framed = False
+    budget: int
+    """The byte budget."""
+
+    @abstractmethod
+    def reserve(self, key: ChunkKey, nbytes: int,
+                parent: ChunkKey | None = None) -> np.ndarray | None:
+        """A writable uint8 buffer of ``nbytes`` for ``key`` (held by the writer), or ``None``
+        when the key is present, the value cannot fit, or admission refuses it."""
+
+    @abstractmethod
+    def commit(self, key: ChunkKey) -> None:
+        """Make a reserved chunk visible to readers (and evictable)."""
+
+    @abstractmethod
+    def abort(self, key: ChunkKey) -> None:
+        """Give back a reservation that will not be committed."""
+
+    @abstractmethod
+    def acquire(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
+        """Read-only views of the chunks held (``None`` for a miss); each view's chunk is held
+        until :meth:`release`."""
+
+    @abstractmethod
+    def release(self, keys: Sequence[ChunkKey]) -> None:
+        """End the holds :meth:`acquire` gave (the keys whose view was not None)."""
+
+    @abstractmethod
+    def put_one(self, key: ChunkKey, parts: Sequence[Buffer],
+                parent: ChunkKey | None = None) -> bool:
+        """Copy one value (its parts concatenated) in; False where it was not stored."""
+
+    @abstractmethod
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        """Report a hit on each chunk held (for the eviction policy)."""
 
 
 class EvictionPolicy(ABC):

@@ -105,9 +105,9 @@ INSTANCE = textwrap.dedent('''
         if op == "holds":
             return {t.name: leading(t, keys) for t in engine.tiers}
         if op == "pinned":
-            return {"pinned": [engine.cpu.is_pinned(k) for k in keys]}
+            return {"pinned": [engine.memory.is_pinned(k) for k in keys]}
         if op == "intact":
-            values = engine.cpu.get(keys)
+            values = engine.memory.get(keys)
             return {"intact": [v is not None and bytes(v) == payload(k)
                                for k, v in zip(keys, values)]}
         if op == "registered":

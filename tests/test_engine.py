@@ -64,7 +64,7 @@ def test_engine_properties(ops: list[tuple[str, int, int]], budget_chunks: int,
                 engine.pin(keys)
             elif op == "unpin":
                 engine.unpin(keys)
-            usage = engine.cpu.usage()
+            usage = engine.memory.usage()
             assert usage.used_bytes <= usage.budget_bytes
     finally:
         engine.close()
@@ -177,9 +177,9 @@ def test_lookup_reports_tiers_and_prefetches_into_cpu() -> None:
         result = engine.lookup(keys)
         assert result.chunks == 6 and result.by_tier == {"cpu": 2, "example": 4}
         deadline = time.monotonic() + 5
-        while not all(engine.cpu.contains(keys)) and time.monotonic() < deadline:
+        while not all(engine.memory.contains(keys)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert all(engine.cpu.contains(keys))
+        assert all(engine.memory.contains(keys))
         assert engine.metrics.get("promoted_chunks_total", "example") == 4
     finally:
         engine.close()

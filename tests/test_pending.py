@@ -51,11 +51,11 @@ def test_engine_keys_are_pending_until_committed() -> None:
         source = GatedSource([np.full(64, i, dtype=np.uint8) for i in range(3)])
         handle = engine.store(keys, source)
         assert engine.pending.contains(keys) == [True] * 3
-        assert engine.cpu.contains(keys) == [False] * 3
+        assert engine.memory.contains(keys) == [False] * 3
         source.gate.set()
         assert engine.pending.wait(keys, timeout_s=10.0)
         assert handle.wait(10) == 3
-        assert engine.cpu.contains(keys) == [True] * 3  # committed before leaving pending
+        assert engine.memory.contains(keys) == [True] * 3  # committed before leaving pending
         assert len(engine.pending) == 0
 
 
@@ -68,4 +68,4 @@ def test_failed_store_leaves_nothing_pending() -> None:
         keys = engine.keys_for(Namespace("pending"), list(range(8)))
         assert engine.store(keys, Broken([np.zeros(8, np.uint8)] * 2)).wait(10) == 0
         assert engine.pending.wait(keys, timeout_s=10.0)
-        assert engine.cpu.contains(keys) == [False, False]
+        assert engine.memory.contains(keys) == [False, False]

@@ -33,8 +33,8 @@ def _lower(engine: CacheEngine, tier: str) -> Any:
 def read_leading(engine: CacheEngine, tier: str, keys: Sequence[ChunkKey],
                  max_bytes: int | None = None) -> list[tuple[ChunkKey, bytes]]:
     """The leading run of ``keys`` held in ``tier``, with their payloads."""
-    if tier == engine.cpu.name:
-        values: Sequence[Any] = engine.cpu.get(keys)
+    if tier == engine.memory.name:
+        values: Sequence[Any] = engine.memory.get(keys)
     else:
         values = _lower(engine, tier).get_verified(keys)
     out, total = [], 0
@@ -54,12 +54,12 @@ def write_chunks(engine: CacheEngine, tier: str, items: Sequence[tuple[ChunkKey,
     """Store chunks (a prefix, in order) into ``tier``; return how many it now holds."""
     if not items:
         return 0
-    if tier == engine.cpu.name:
+    if tier == engine.memory.name:
         keys = [k for k, _ in items]
-        present = engine.cpu.contains(keys)
+        present = engine.memory.contains(keys)
         count = 0
         for i, ((key, payload), here) in enumerate(zip(items, present)):
-            if here or engine.cpu.put_one(key, [payload], keys[i - 1] if i else None):
+            if here or engine.memory.put_one(key, [payload], keys[i - 1] if i else None):
                 count += 1
         return count
     lower = _lower(engine, tier)
@@ -69,9 +69,9 @@ def write_chunks(engine: CacheEngine, tier: str, items: Sequence[tuple[ChunkKey,
 def delete_chunks(engine: CacheEngine, tier: str, keys: Sequence[ChunkKey]) -> int:
     """Remove chunks from one tier (pinned ones too)."""
     keys = list(keys)
-    if tier == engine.cpu.name:
-        engine.cpu.unpin(keys)
-        return engine.cpu.delete(keys)
+    if tier == engine.memory.name:
+        engine.memory.unpin(keys)
+        return engine.memory.delete(keys)
     lower = _lower(engine, tier)
     lower.call("unpin", lower.tier.unpin, keys, default=0)
     return int(lower.call("delete", lower.tier.delete, keys, default=0))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from kvcore.hookspecs import hookimpl
-from kvcore.interfaces import Buffer, EvictionPolicy, Tier, TierContext, TierUsage
+from kvcore.interfaces import Buffer, EvictionPolicy, MemoryTier, TierContext, TierUsage
 from kvcore.keys import ChunkKey
 
 
@@ -55,11 +55,10 @@ class _InUse:
         return entry is not None and entry.refs > 0
 
 
-class CpuTier(Tier):
-    """In-process host memory; the first tier of every engine."""
+class CpuTier(MemoryTier):
+    """In-process host memory: the default :class:`~kvcore.interfaces.MemoryTier`."""
 
     name = "cpu"
-    framed = False
 
     def __init__(
         self,

@@ -95,7 +95,8 @@ def replay(
             hits += engine.lookup(keys, prefetch=False).chunks
             blocks += len(keys)
             engine.store_buffers(keys, [payload] * len(keys)).wait()
-        evictions = engine.cpu.evictions
+        memory = engine.memory
+        evictions = memory.evictions if isinstance(memory, CpuTier) else 0
     seconds = time.perf_counter() - started
     return ReplayResult(name, capacity, len(requests), blocks, hits, evictions, seconds)
 

@@ -13,7 +13,7 @@ from kvcore_lmdb.tier import LmdbTier
 
 def make_lmdb_tier(context: TierContext) -> LmdbTier:
     """Factory for ``KVCORE_TIERS=cpu,lmdb``: settings from ``KVCORE_LMDB_*``."""
-    settings = context.extra.get("lmdb_settings") or load_settings(LmdbSettings)
+    settings = load_settings(LmdbSettings)
     return LmdbTier(settings, context.make_policy, context.notify)
 
 

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from kvcore.interfaces import MemoryTier
 from kvcore.keys import ChunkKey
 from kvcore.pending import PendingStores
-from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl import auth, wire
 from kvcore_nixl.agent import Agent, address_of
 from kvcore_nixl.settings import split_address
@@ -109,17 +109,17 @@ def is_loopback(host: str) -> bool:
 
 
 class ChunkServer:
-    """Serves ``cpu``'s chunks to peers; :meth:`close` ends every lease."""
+    """Serves ``memory``'s chunks to peers; :meth:`close` ends every lease."""
 
     def __init__(
-        self, cpu: CpuTier, agent: Agent, listen: str = "127.0.0.1:0",
+        self, memory: MemoryTier, agent: Agent, listen: str = "127.0.0.1:0",
         lease_timeout_s: float = 30.0, pending: PendingStores | None = None,
         store_wait_s: float = 1.0, secret: bytes | None = None, limits: Limits | None = None,
     ) -> None:
         """``pending``: the engine's stores in progress; chunks there count as held, and a
         lease waits for them up to ``store_wait_s`` (a decode side that asks right after the
         prefill answered finds the whole prompt)."""
-        self.cpu = cpu
+        self.memory = memory
         self.agent = agent
         self.lease_timeout_s = lease_timeout_s
         self.pending = pending
@@ -172,7 +172,7 @@ class ChunkServer:
             return self._handshake(peer, op, header)
         if op == "contains":
             keys = _keys(body)
-            hits = self.cpu.contains(keys)
+            hits = self.memory.contains(keys)
             if self.pending is not None and not all(hits):
                 hits = [h or p for h, p in zip(hits, self.pending.contains(keys))]
             return {"hits": [int(h) for h in hits]}, b""
@@ -187,7 +187,7 @@ class ChunkServer:
             with self._lock:
                 leases = len(self._leases)
             return {"leases": leases, "registrations": self.agent.registrations,
-                    "chunks": self.cpu.usage().chunks,
+                    "chunks": self.memory.usage().chunks,
                     "storing": len(self.pending) if self.pending is not None else 0,
                     **self.counters}, b""
         raise Malformed(f"unknown op {op[:32]!r}")
@@ -227,11 +227,11 @@ class ChunkServer:
             self.counters["lease_refusals"] += 1
             return {"lease": 0, "chunks": [None] * len(keys), "busy": True}, b""
         if self.pending is not None:
-            missing = [k for k, hit in zip(keys, self.cpu.contains(keys)) if not hit]
+            missing = [k for k, hit in zip(keys, self.memory.contains(keys)) if not hit]
             if missing and not self.pending.wait(missing, self.store_wait_s):
                 log.info("kvcore nixl: stores still running after %.1fs; leasing what is held",
                          self.store_wait_s)
-        views = self.cpu.acquire(keys)
+        views = self.memory.acquire(keys)
         views, nbytes = self._within_share(keys, views, peer)
         held = [k for k, v in zip(keys, views) if v is not None]
         if not held:
@@ -249,14 +249,14 @@ class ChunkServer:
             descs = self.agent.register(regions)
         except Exception:
             self._unshare(peer, nbytes)
-            self.cpu.release(held)
+            self.memory.release(held)
             raise
         try:
             metadata = self.agent.partial_metadata(descs)
         except Exception:
             self.agent.deregister(descs)
             self._unshare(peer, nbytes)
-            self.cpu.release(held)
+            self.memory.release(held)
             raise
         with self._lock:
             lease_id = self._next_id
@@ -270,7 +270,7 @@ class ChunkServer:
                       ) -> tuple[list[Any], int]:
         """Keep the leading views that fit the peer's share of the budget (and all peers'
         share); release the rest. Returns (views, bytes reserved)."""
-        budget = self.cpu.usage().budget_bytes
+        budget = self.memory.usage().budget_bytes
         per_peer = int(budget * self.limits.max_lease_fraction)
         everyone = max(per_peer, int(budget * ALL_PEERS_FRACTION))
         out: list[Any] = []
@@ -295,7 +295,7 @@ class ChunkServer:
             self._leased_bytes += taken
         if drop:
             self.counters["lease_refusals"] += 1
-            self.cpu.release(drop)
+            self.memory.release(drop)
         return out, taken
 
     def _unshare(self, peer: _Peer | None, nbytes: int) -> None:
@@ -332,7 +332,7 @@ class ChunkServer:
         except Exception as exc:
             log.warning("kvcore nixl: deregistration failed: %s", exc)
         finally:
-            self.cpu.release(lease.keys)
+            self.memory.release(lease.keys)
         return True
 
     def active_leases(self) -> int:

@@ -14,10 +14,9 @@ import logging
 from collections.abc import Sequence
 
 from kvcore.config import load_settings
-from kvcore.interfaces import Buffer, Tier, TierContext, TierUsage
+from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext, TierUsage
 from kvcore.keys import ChunkKey
 from kvcore.pending import PendingStores
-from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl.agent import Agent, shared_agent
 from kvcore_nixl.client import PeerClient, PeerError
 from kvcore_nixl.server import ChunkServer
@@ -33,16 +32,17 @@ class NixlPeerTier(Tier):
     framed = False  # bytes come straight from a peer's memory tier, which holds raw payloads
 
     def __init__(
-        self, settings: NixlSettings, cpu: CpuTier | None = None, agent: Agent | None = None,
+        self, settings: NixlSettings, memory: MemoryTier | None = None, agent: Agent | None = None,
         pending: PendingStores | None = None,
     ) -> None:
         self.settings = settings
         self._agent = agent
         self.server: ChunkServer | None = None
-        if settings.serve and cpu is not None:
-            self.server = start_server(cpu, settings, self.agent, pending)
+        if settings.serve and memory is not None:
+            self.server = start_server(memory, settings, self.agent, pending)
         elif settings.serve:
-            log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no CPU tier was given; not serving")
+            log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no memory tier was given; "
+                        "not serving")
         self.clients = [
             PeerClient(address, self.agent, settings.timeout_s, settings.connect_timeout_s,
                        settings.retry_s, settings.secret_bytes())
@@ -100,17 +100,17 @@ class NixlPeerTier(Tier):
 
 
 def start_server(
-    cpu: CpuTier, settings: NixlSettings | None = None, agent: Agent | None = None,
+    memory: MemoryTier, settings: NixlSettings | None = None, agent: Agent | None = None,
     pending: PendingStores | None = None,
 ) -> ChunkServer | None:
-    """Serve ``cpu`` to peers on ``settings.listen``; ``None`` (logged) if that fails.
+    """Serve ``memory`` to peers on ``settings.listen``; ``None`` (logged) if that fails.
 
-    For connectors that build their own CPU tier: call once in the process that stores KV.
+    For connectors that build their own memory tier: call once in the process that stores KV.
     """
     settings = settings or load_settings(NixlSettings)
     try:
         agent = agent or shared_agent(settings.backend, settings.progress_thread)
-        return ChunkServer(cpu, agent, settings.listen, settings.lease_timeout_s, pending,
+        return ChunkServer(memory, agent, settings.listen, settings.lease_timeout_s, pending,
                            settings.store_wait_s, settings.secret_bytes(), settings.limits())
     except Exception as exc:
         log.warning("kvcore nixl: cannot serve on %s: %s", settings.listen, exc)
@@ -118,12 +118,9 @@ def start_server(
 
 
 def make_peer_tier(context: TierContext) -> NixlPeerTier:
-    """The tier for an engine; it serves the engine's CPU tier only where the engine allows
-    (``CacheEngine(serve_cpu=False)`` in a lookup-only process never binds the listen port)."""
+    """The tier for an engine; it serves the engine's memory tier only where the engine allows
+    (``CacheEngine(serve_memory=False)`` in a lookup-only process never binds the listen port)."""
     settings = load_settings(NixlSettings)
-    if settings.serve and not context.extra.get("serve_cpu", True):
+    if settings.serve and not context.serve_memory:
         settings = settings.model_copy(update={"serve": False})
-    cpu = context.extra.get("cpu")
-    pending = context.extra.get("pending")
-    return NixlPeerTier(settings, cpu if isinstance(cpu, CpuTier) else None,
-                        pending=pending if isinstance(pending, PendingStores) else None)
+    return NixlPeerTier(settings, context.memory, pending=context.pending)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvcore.config import Settings, load_settings
-from kvcore.interfaces import Buffer, Transport
+from kvcore.interfaces import Buffer, MemoryTier, Transport
 from kvcore.keys import ChunkKey
-from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl.agent import Agent, shared_agent
 from kvcore_nixl.client import PeerClient
 from kvcore_nixl.server import ChunkServer
@@ -31,10 +30,10 @@ class NixlTransport(Transport):
         self.server: ChunkServer | None = None
         self._clients: dict[str, PeerClient] = {}
 
-    def serve(self, cpu: CpuTier, listen: str | None = None) -> str:
-        """Start serving ``cpu``; returns :meth:`address`."""
+    def serve(self, memory: MemoryTier, listen: str | None = None) -> str:
+        """Start serving ``memory``; returns :meth:`address`."""
         if self.server is None:
-            self.server = ChunkServer(cpu, self.agent, listen or self.settings.listen,
+            self.server = ChunkServer(memory, self.agent, listen or self.settings.listen,
                                       self.settings.lease_timeout_s,
                                       secret=self.settings.secret_bytes(),
                                       limits=self.settings.limits())

@@ -58,7 +58,7 @@ def test_decode_engine_loads_what_prefill_engine_stored(
             assert len(lease) == 6
             for key, array in zip(keys, lease.arrays()):
                 assert np.array_equal(array, chunk_payload(key, CHUNK))
-        assert engine.cpu.contains(keys) == [True] * 6  # promoted: the next load is local
+        assert engine.memory.contains(keys) == [True] * 6  # promoted: the next load is local
     finally:
         engine.close()
 
@@ -109,7 +109,7 @@ def test_peer_killed_mid_transfer_engine_recomputes(peer_factory: Any, monkeypat
         assert not reader.is_alive(), "acquire hung after the peer died"
         assert loaded == [0]  # every chunk is a miss: the engine recomputes
         assert engine.lookup(keys).chunks == 0
-        assert engine.cpu.usage().chunks == 0
+        assert engine.memory.usage().chunks == 0
     finally:
         engine.close()
     assert agent.registrations == baseline

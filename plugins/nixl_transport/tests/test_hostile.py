@@ -153,7 +153,7 @@ def test_leases_are_owned_and_capped(served, agents, figure) -> None:
         assert server.active_leases() == held
         # the owner still stores: 20 new chunks in its own tier
         new = peer_keys(CHUNKS + 20, "hostile")[CHUNKS:]
-        stored = sum(bool(server.cpu.put_one(k, [chunk_payload(k, CHUNK)], None)) for k in new)
+        stored = sum(bool(server.memory.put_one(k, [chunk_payload(k, CHUNK)], None)) for k in new)
         figure(f"one peer asked 200 leases of all {CHUNKS} chunks: {granted} granted "
               f"(cap {server.limits.max_leases_per_peer}, half the budget), another peer "
               f"ended 0 of them, the owner then stored {stored} of 20 new chunks")

@@ -163,7 +163,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         lease = engine.acquire(keys)
         n = len(lease)
         try:
-            rest = engine.cpu.acquire(keys[n + 1 :]) if n + 1 < len(keys) else []
+            rest = engine.memory.acquire(keys[n + 1 :]) if n + 1 < len(keys) else []
         except Exception:
             lease.close()
             raise
@@ -171,7 +171,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
 
         def release() -> None:
             lease.close()
-            engine.cpu.release([k for k, v in zip(keys[n + 1 :], rest) if v is not None])
+            engine.memory.release([k for k, v in zip(keys[n + 1 :], rest) if v is not None])
 
         return views, release
 
@@ -184,7 +184,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
             if isinstance(source, _PageSource):
                 source.cancel()
             raise
-        return [bool(x) for x in engine.cpu.contains(keys)]
+        return [bool(x) for x in engine.memory.contains(keys)]
 
     # -- existence -----------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ def test_raising_lower_tier_gives_misses() -> None:
         assert engine.flush(5.0)  # write-behind to the broken tier failed quietly
         assert backend.batch_exists(keys) == 2
 
-        engine.cpu.delete(list(engine.cpu.iter_keys()))
+        engine.memory.delete(list(engine.memory.iter_keys()))
         assert backend.batch_exists(keys) == 0  # only the broken tier is left to ask
         assert backend.exists(keys[0]) is False
         assert backend.batch_get_v1(keys, pool.alloc(2 * PAGE)) == [False, False]

@@ -146,7 +146,7 @@ def _child(spec_path: str, out_path: str) -> None:
             prompt = random_prompt(3 * CHUNK + 1, seed=seed)
             twin = random_prompt(CHUNK, seed=seed + 100_000) + prompt[CHUNK:]
             generate([prompt, twin])
-            digest = next(iter(engine.cpu.iter_keys()))[:NAMESPACE_BYTES]
+            digest = next(iter(engine.memory.iter_keys()))[:NAMESPACE_BYTES]
             keys = engine.keys_for(digest, prompt)
             twin_keys = engine.keys_for(digest, twin)
             good, nxt = _read(engine, keys[1]), _read(engine, keys[2])
@@ -168,13 +168,13 @@ def _child(spec_path: str, out_path: str) -> None:
 
 
 def _read(engine: Any, key: bytes) -> bytes:
-    (view,) = engine.cpu.acquire([key])
+    (view,) = engine.memory.acquire([key])
     if view is None:
         raise RuntimeError("chunk not in the CPU tier")
     try:
         return bytes(view)
     finally:
-        engine.cpu.release([key])
+        engine.memory.release([key])
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class KVCoreConnector(KVConnectorBase_V1):
         blocks_per_chunk = check_chunk_size(settings.chunk_size, block_size)
         scheduler_only = (role == KVConnectorRole.SCHEDULER
                           and not _workers_in_scheduler_process(vllm_config))
-        self.engine = acquire_engine(settings, serve_cpu=not scheduler_only)
+        self.engine = acquire_engine(settings, serve_memory=not scheduler_only)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

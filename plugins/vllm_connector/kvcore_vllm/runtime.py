@@ -26,10 +26,10 @@ def _key(settings: Settings) -> str:
     return settings.model_dump_json()
 
 
-def acquire_engine(settings: Settings, serve_cpu: bool = True) -> CacheEngine:
+def acquire_engine(settings: Settings, serve_memory: bool = True) -> CacheEngine:
     """The process-wide engine for ``settings`` (created on first use).
 
-    ``serve_cpu=False`` for a scheduler whose worker runs in another process: its engine holds
+    ``serve_memory=False`` for a scheduler whose worker runs in another process: its engine holds
     no KV, so it must not serve its CPU tier to peers (the worker's engine does). It applies
     when the engine is created; a connector in the same process reuses the engine as it is
     (vLLM creates the worker's connector before the scheduler's).
@@ -38,7 +38,7 @@ def acquire_engine(settings: Settings, serve_cpu: bool = True) -> CacheEngine:
     with _lock:
         engine, users = _engines.get(key, (None, 0))
         if engine is None:
-            engine = CacheEngine(settings, serve_cpu=serve_cpu)
+            engine = CacheEngine(settings, serve_memory=serve_memory)
             log.info("kvcore: CacheEngine started (tiers %s, chunk %d tokens)",
                      ",".join(settings.tiers), settings.chunk_size)
         _engines[key] = (engine, users + 1)

@@ -166,7 +166,7 @@ class SchedulerSide:
         followed by this engine's shared lower tiers."""
         if self.worker_in_process:  # the worker shares this process and its engine
             found = self.engine.lookup(keys)
-            cpu = self.engine.cpu.name
+            cpu = self.engine.memory.name
             in_memory = 0
             while in_memory < found.chunks and found.sources[in_memory] == cpu:
                 in_memory += 1

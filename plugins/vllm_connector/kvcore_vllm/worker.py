@@ -340,7 +340,7 @@ class WorkerSide:
     # -- what the scheduler in another process needs to know ----------------------------------
 
     def _on_tier_event(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
-        if tier != self.engine.cpu.name:
+        if tier != self.engine.memory.name:
             return
         mapped = []
         for key in keys:

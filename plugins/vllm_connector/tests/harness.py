@@ -212,14 +212,14 @@ class Harness:
         keys = side.engine.keys_for(side.namespace, tokens)
         out: list[bool | None] = []
         for i, key in enumerate(keys):
-            views = side.engine.cpu.acquire([key])
+            views = side.engine.memory.acquire([key])
             if views[0] is None:
                 out.append(None)
                 continue
             try:
                 out.append(bytes(views[0]) == self.chunk_bytes(tokens, i))
             finally:
-                side.engine.cpu.release([key])
+                side.engine.memory.release([key])
         return out
 
     # -- one engine step -------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def with_slow_tier(h, delay_s: float) -> SlowMemoryTier:
 def only_in_slow_tier(h, tokens: list[int]) -> None:
     engine = h.worker_side.engine
     assert engine.flush(10.0)
-    engine.cpu.delete(h.connector_scheduler.engine.keys_for(h.connector_scheduler.namespace,
+    engine.memory.delete(h.connector_scheduler.engine.keys_for(h.connector_scheduler.namespace,
                                                             tokens))
 
 

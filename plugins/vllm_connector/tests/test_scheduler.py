@@ -214,7 +214,7 @@ def test_each_rank_stores_under_its_own_namespace(harness_factory) -> None:
     tokens = prompt(2, seed=13)
     h.request(tokens, salt="t")
     h.run_until_idle()
-    stored = list(h.worker.engine.cpu.iter_keys())
+    stored = list(h.worker.engine.memory.iter_keys())
     assert stored and {k[:NAMESPACE_BYTES] for k in stored} == {
         side.namespace.with_tenant("t").digest}
     assert h.scheduler.reset_prefix_cache()
@@ -239,7 +239,7 @@ def test_worker_in_another_process_is_mirrored(harness_factory) -> None:
     assert h.blocks_match(again, 4 * CHUNK)
     h.run_until_idle()
     # The worker loses the chunks: the next step tells the scheduler, whose lookup then misses.
-    stored = set(h.worker.engine.cpu.iter_keys())
+    stored = set(h.worker.engine.memory.iter_keys())
     assert stored == h.connector.scheduler.worker_chunks
     h.worker.engine.delete(list(stored))
     h.request(prompt(1, seed=15))
