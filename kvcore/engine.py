@@ -118,7 +118,7 @@ class ChunkLease:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._memory.release(self.keys)
+            self._memory.release(self.views)
 
     def __enter__(self) -> ChunkLease:
         return self
@@ -495,7 +495,7 @@ class CacheEngine:
             if held:
                 tier.put(held, self.chunk_size)
         finally:
-            self.memory.release([k for k, _ in held])
+            self.memory.release(views)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until queued stores and write-behind are done (tests, shutdown)."""
@@ -520,15 +520,14 @@ class CacheEngine:
         if self.lower and any(v is None for v in views):
             first_gap = next(i for i, v in enumerate(views) if v is None)
             self._wait_inflight(keys[first_gap:], timeout_s or self.settings.tier_timeout_s)
-            held = [k for k, v in zip(keys[first_gap:], views[first_gap:]) if v is not None]
-            self.memory.release(held)
+            self.memory.release(views[first_gap:])
             parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
             self._promote(keys[first_gap:], parents)
             views[first_gap:] = self.memory.acquire(keys[first_gap:])
         n = 0
         while n < len(views) and views[n] is not None:
             n += 1
-        self.memory.release([k for k, v in zip(keys[n:], views[n:]) if v is not None])
+        self.memory.release(views[n:])
         leased = [v for v in views[:n] if v is not None]
         loaded = sum(v.nbytes for v in leased)
         self.metrics.inc("bytes_loaded_total", loaded, self.memory.name)

@@ -156,8 +156,10 @@ class MemoryTier(Tier):
         until :meth:`release`."""
 
     @abstractmethod
-    def release(self, keys: Sequence[ChunkKey]) -> None:
-        """End the holds :meth:`acquire` gave (the keys whose view was not None)."""
+    def release(self, views: Sequence[memoryview | None]) -> None:
+        """End the holds of views :meth:`acquire` returned. ``None`` entries, views this tier
+        did not hand out and views already released are ignored: a caller can only end its
+        own holds, once."""
 
     @abstractmethod
     def put_one(self, key: ChunkKey, parts: Sequence[Buffer],

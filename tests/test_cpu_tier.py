@@ -56,7 +56,7 @@ def test_acquired_chunk_is_not_evicted() -> None:
         tier.put([(key, [b"b" * 1000])])
     assert tier.contains([keys[0]]) == [True]
     assert bytes(view) == b"a" * 1000
-    tier.release([keys[0]])
+    tier.release([view])
     for key in keys[1:4]:
         tier.delete([key])
         tier.put([(key, [b"c" * 1000])])
@@ -96,7 +96,27 @@ def test_views_are_read_only() -> None:
     (view,) = tier.acquire([key])
     with pytest.raises(TypeError):
         view[0] = 1  # type: ignore[index]
-    tier.release([key])
+    tier.release([view])
+
+
+def test_only_the_holder_of_a_view_ends_its_hold() -> None:
+    """A view not handed out by this tier, or one released already, ends nothing: another
+    reader's chunk stays held (never evicted under it) until that reader releases."""
+    tier = CpuTier(2000, LRUPolicy())
+    key, other = make_keys(2, tenant="holder")
+    tier.put([(key, [b"a" * 1000])])
+    (mine,) = tier.acquire([key])
+    (theirs,) = tier.acquire([key])
+    assert mine is not None and theirs is not None
+    tier.release([mine])
+    tier.release([mine])  # twice: the second ends nothing
+    tier.release([memoryview(b"a" * 1000), None])  # a view from elsewhere: ignored
+    assert tier.delete([key]) == 0  # still held by the other reader
+    assert tier.put([(other, [b"b" * 1500])]) == [False]  # and not evicted for room
+    assert bytes(theirs) == b"a" * 1000
+    tier.release([theirs])
+    assert tier.put([(other, [b"b" * 1500])]) == [True]  # now evictable
+    assert tier.contains([key]) == [False]
 
 
 def test_prefix_policy_evicts_tails_before_heads() -> None:

@@ -3,7 +3,8 @@
 Chunks live in their own host buffers (page-locked when CUDA is present, so GPU copies can be
 asynchronous). The budget counts every byte reserved, committed or not, and is checked under one
 lock, so concurrent stores never exceed it. A reader :meth:`acquire`s chunks and gets read-only
-views of the stored bytes (zero copy); acquired chunks are never evicted until :meth:`release`.
+views of the stored bytes (zero copy); acquired chunks are never evicted until :meth:`release`
+of those views (each view is one hold, ended once).
 Writers :meth:`reserve` a buffer, fill it in place (for example with a gather kernel) and
 :meth:`commit` it, so a store costs exactly one copy.
 """
@@ -75,6 +76,9 @@ class CpuTier(MemoryTier):
         self._used = 0
         self._lock = threading.Lock()
         self._busy = _InUse(self._entries)
+        self._holds: dict[int, tuple[memoryview, ChunkKey]] = {}
+        """Views handed out by :meth:`acquire` and not released: id -> (view, key). The view is
+        kept so its id stays unique while the hold lasts."""
         self.evictions = 0
 
     # -- writing -------------------------------------------------------------------------------
@@ -144,14 +148,22 @@ class CpuTier(MemoryTier):
                 entry.refs += 1
                 if not entry.pinned:
                     self.policy.touch(key)
-                out.append(entry.buf.data.toreadonly())
+                view = entry.buf.data.toreadonly()
+                self._holds[id(view)] = (view, key)
+                out.append(view)
         return out
 
-    def release(self, keys: Sequence[ChunkKey]) -> None:
-        """End reads started by :meth:`acquire` (pass the keys whose view was not None)."""
+    def release(self, views: Sequence[memoryview | None]) -> None:
+        """End the holds of ``views`` (from :meth:`acquire`); others are ignored."""
         with self._lock:
-            for key in keys:
-                entry = self._entries.get(key)
+            for view in views:
+                if view is None:
+                    continue
+                held = self._holds.get(id(view))
+                if held is None or held[0] is not view:
+                    continue
+                del self._holds[id(view)]
+                entry = self._entries.get(held[1])
                 if entry is not None and entry.refs > 0:
                     entry.refs -= 1
 
@@ -173,7 +185,7 @@ class CpuTier(MemoryTier):
         try:
             return [bytes(v) if v is not None else None for v in views]
         finally:
-            self.release([k for k, v in zip(keys, views) if v is not None])
+            self.release(views)
 
     def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
         return [self.put_one(key, parts) for key, parts in items]

@@ -92,7 +92,8 @@ class _Peer:
 
 @dataclass
 class _Lease:
-    keys: list[ChunkKey]
+    views: list[memoryview]
+    """The memory tier's views this lease holds (released when it ends)."""
     descs: Any
     expires: float
     owner: _Peer | None = None
@@ -232,8 +233,8 @@ class ChunkServer:
                 log.info("kvcore nixl: stores still running after %.1fs; leasing what is held",
                          self.store_wait_s)
         views = self.memory.acquire(keys)
-        views, nbytes = self._within_share(keys, views, peer)
-        held = [k for k, v in zip(keys, views) if v is not None]
+        views, nbytes = self._within_share(views, peer)
+        held = [v for v in views if v is not None]
         if not held:
             return {"lease": 0, "chunks": [None] * len(keys)}, b""
         chunks: list[list[int] | None] = []
@@ -266,7 +267,7 @@ class ChunkServer:
             peer.leases.add(lease_id)
         return {"lease": lease_id, "chunks": chunks}, metadata
 
-    def _within_share(self, keys: list[ChunkKey], views: list[Any], peer: _Peer
+    def _within_share(self, views: list[Any], peer: _Peer
                       ) -> tuple[list[Any], int]:
         """Keep the leading views that fit the peer's share of the budget (and all peers'
         share); release the rest. Returns (views, bytes reserved)."""
@@ -274,20 +275,20 @@ class ChunkServer:
         per_peer = int(budget * self.limits.max_lease_fraction)
         everyone = max(per_peer, int(budget * ALL_PEERS_FRACTION))
         out: list[Any] = []
-        drop: list[ChunkKey] = []
+        drop: list[memoryview] = []
         taken = 0
         with self._lock:
-            for key, view in zip(keys, views):
+            for view in views:
                 if view is None or drop:
                     out.append(None)
                     if view is not None:
-                        drop.append(key)
+                        drop.append(view)
                     continue
                 n = view.nbytes
                 if (peer.leased_bytes + taken + n > per_peer
                         or self._leased_bytes + taken + n > everyone):
                     out.append(None)
-                    drop.append(key)
+                    drop.append(view)
                     continue
                 taken += n
                 out.append(view)
@@ -332,7 +333,7 @@ class ChunkServer:
         except Exception as exc:
             log.warning("kvcore nixl: deregistration failed: %s", exc)
         finally:
-            self.memory.release(lease.keys)
+            self.memory.release(lease.views)
         return True
 
     def active_leases(self) -> int:

@@ -171,7 +171,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
 
         def release() -> None:
             lease.close()
-            engine.memory.release([k for k, v in zip(keys[n + 1 :], rest) if v is not None])
+            engine.memory.release(rest)
 
         return views, release
 

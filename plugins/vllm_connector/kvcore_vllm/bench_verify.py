@@ -174,7 +174,7 @@ def _read(engine: Any, key: bytes) -> bytes:
     try:
         return bytes(view)
     finally:
-        engine.memory.release([key])
+        engine.memory.release([view])
 
 
 if __name__ == "__main__":

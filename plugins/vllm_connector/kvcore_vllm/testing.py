@@ -384,7 +384,7 @@ def inject_late_chunk_once() -> None:
         lease = real(self, keys, timeout_s)
         if not fired and len(lease) >= 2:
             fired.append(True)
-            self.cpu.release(lease.keys[1:])
+            self.memory.release(lease.views[1:])
             lease.keys, lease.views = lease.keys[:1], lease.views[:1]
         return lease
 

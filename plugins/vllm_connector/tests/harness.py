@@ -219,7 +219,7 @@ class Harness:
             try:
                 out.append(bytes(views[0]) == self.chunk_bytes(tokens, i))
             finally:
-                side.engine.memory.release([key])
+                side.engine.memory.release(views)
         return out
 
     # -- one engine step -------------------------------------------------------------------------
