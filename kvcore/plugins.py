@@ -1,9 +1,15 @@
 """Plugin loading: built-ins first, then the entry points of group ``kvcore``.
 
-Built-in implementations are plugins registered through the same hooks as third-party ones. Each
-entry point is loaded and each hook implementation is called inside its own ``try``: a plugin that
-fails to import or to register is recorded with its error (``kvcore plugins`` shows it) and
-skipped; the other plugins still load. ``KVCORE_PLUGINS`` restricts which third-party plugins load.
+Built-in implementations (the CLI's own commands included) are plugins registered through the
+same hooks as third-party ones. Each entry point is loaded and each hook implementation is called
+inside its own ``try``: a plugin that fails to import or whose hook raises is recorded with its
+error (``kvcore plugins`` shows it) and skipped as a whole (what it registered before the error
+is rolled back); the other plugins still load. ``KVCORE_PLUGINS`` restricts which third-party
+plugins load.
+
+Registrations are checked against :data:`REGISTRATIONS`, one typed spec per kind (what
+``register`` takes, what the table keeps), so a wrong call fails in the plugin that made it
+with a message naming the hook.
 """
 
 from __future__ import annotations
@@ -26,15 +32,66 @@ log = logging.getLogger("kvcore.plugins")
 
 ENTRY_POINT_GROUP = "kvcore"
 BUILTIN_PLUGINS: tuple[str, ...] = (
+    "kvcore.cli.subcommands",
     "kvcore.tiers.cpu",
     "kvcore.eviction.builtin",
     "kvcore.trace.bench_plugin",
     "kvcore.copy.bench",
     "kvcore.control.plugin",
 )
-KINDS = (
-    "tiers", "eviction_policies", "transports", "connectors", "settings", "benchmarks", "commands",
-)
+
+
+def _factory(kind: str) -> Callable[..., tuple[str, Any]]:
+    """``register(name, factory)``: a non-empty name and a callable."""
+
+    def spec(name: str, factory: Callable[..., Any]) -> tuple[str, Any]:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"kvcore_register_{kind}: the name must be a non-empty string, "
+                            f"not {name!r}")
+        if not callable(factory):
+            raise TypeError(f"kvcore_register_{kind}: {name!r} needs a callable, "
+                            f"not {type(factory).__name__}")
+        return name, factory
+
+    return spec
+
+
+def _connector(connector: ConnectorInfo) -> tuple[str, Any]:
+    if not isinstance(connector, ConnectorInfo):
+        raise TypeError("kvcore_register_connectors: register(ConnectorInfo(...)), not "
+                        f"{type(connector).__name__}")
+    return connector.name, connector
+
+
+def _settings_class(cls: type) -> tuple[str, Any]:
+    from kvcore.config import PluginSettings
+
+    if not (isinstance(cls, type) and issubclass(cls, PluginSettings)):
+        raise TypeError("kvcore_register_settings: register(cls) takes a PluginSettings "
+                        f"subclass, not {cls!r}")
+    return cls.__name__, cls
+
+
+def _benchmark(name: str, add_arguments: Callable[..., Any],
+               run: Callable[..., Any]) -> tuple[str, Any]:
+    _factory("benchmarks")(name, run)
+    if not callable(add_arguments):
+        raise TypeError(f"kvcore_register_benchmarks: {name!r} needs a callable add_arguments")
+    return name, (add_arguments, run)
+
+
+REGISTRATIONS: dict[str, Callable[..., tuple[str, Any]]] = {
+    "commands": _factory("commands"),
+    "tiers": _factory("tiers"),
+    "eviction_policies": _factory("eviction_policies"),
+    "transports": _factory("transports"),
+    "connectors": _connector,
+    "settings": _settings_class,
+    "benchmarks": _benchmark,
+}
+"""For each kind: what its hook's ``register`` takes, turned into the (name, value) its table
+keeps. The keys are the registry's tables and the ``kvcore_register_<kind>`` hooks."""
+KINDS = tuple(REGISTRATIONS)
 
 
 @dataclass
@@ -115,39 +172,47 @@ class PluginRegistry:
             log.warning("kvcore plugin %s failed to load: %s", info.name, info.error)
             return
         for kind in KINDS:
-            self._call_hook(info, kind)
+            if not self._call_hook(info, kind):
+                self._roll_back(info, module)
+                return
 
-    def _call_hook(self, info: PluginInfo, kind: str) -> None:
+    def _call_hook(self, info: PluginInfo, kind: str) -> bool:
+        """Run ``info``'s ``kvcore_register_<kind>``; False (error recorded) if it raised."""
         hook = getattr(self.manager.hook, f"kvcore_register_{kind}")
         for impl in hook.get_hookimpls():
             if impl.plugin_name != info.name:
                 continue
-            registered: list[str] = []
+            registered: list[str] = info.registers.setdefault(kind, [])
             try:
-                impl.function(register=self._registrar(kind, info, registered))
-            except Exception as exc:
+                impl.function(register=self._registrar(kind, registered))
+            except Exception as exc:  # a broken plugin must not take the process down
                 info.error = f"{type(exc).__name__} in kvcore_register_{kind}: {exc}"
-                log.warning("kvcore plugin %s failed to register: %s", info.name, info.error)
-            if registered:
-                info.registers.setdefault(kind, []).extend(registered)
+                log.warning("kvcore plugin %s failed to register and is skipped: %s",
+                            info.name, info.error)
+                return False
+            finally:
+                if not registered:
+                    del info.registers[kind]
+        return True
 
-    def _registrar(
-        self, kind: str, info: PluginInfo, registered: list[str]
-    ) -> Callable[..., None]:
+    def _roll_back(self, info: PluginInfo, module: Any) -> None:
+        """Undo everything ``info`` registered: a plugin loads whole or not at all."""
+        for kind, names in info.registers.items():
+            table: dict[str, Any] = getattr(self, kind)
+            for name in names:
+                table.pop(name, None)
+        info.registers = {}
+        try:
+            self.manager.unregister(module)
+        except Exception as exc:  # noqa: BLE001 - already recorded as failed
+            log.debug("kvcore plugin %s: unregister failed: %s", info.name, exc)
+
+    def _registrar(self, kind: str, registered: list[str]) -> Callable[..., None]:
         table: dict[str, Any] = getattr(self, kind)
+        spec = REGISTRATIONS[kind]
 
-        def register(*args: Any) -> None:
-            if kind == "connectors":
-                (connector,) = args
-                name, value = connector.name, connector
-            elif kind == "settings":
-                (cls,) = args
-                name, value = cls.__name__, cls
-            elif kind == "benchmarks":
-                name, add_arguments, run = args
-                value = (add_arguments, run)
-            else:
-                name, value = args
+        def register(*args: Any, **kwargs: Any) -> None:
+            name, value = spec(*args, **kwargs)
             if name in table:
                 raise ValueError(f"{kind[:-1].replace('_', ' ')} {name!r} is already registered")
             table[name] = value
@@ -192,8 +257,8 @@ def _distribution_version(name: str) -> str:
         return "?"
 
 
-_default: PluginRegistry | None = None
-_default_lock = threading.Lock()
+_registries: dict[frozenset[str] | None, PluginRegistry] = {}
+_registries_lock = threading.Lock()
 
 
 _FROM_SETTINGS: Any = object()
@@ -202,16 +267,17 @@ _FROM_SETTINGS: Any = object()
 def get_registry(
     allow: Iterable[str] | None = _FROM_SETTINGS, *, reload: bool = False
 ) -> PluginRegistry:
-    """The process-wide registry, loaded once.
+    """The process-wide registry for ``allow``, loaded once per allow-list.
 
-    ``allow`` defaults to the ``KVCORE_PLUGINS`` setting (``None`` loads every plugin).
+    ``allow`` defaults to the ``KVCORE_PLUGINS`` setting (``None`` loads every plugin); a
+    different allow-list gets its own registry, so it is honoured after the first load too.
     """
-    global _default
-    with _default_lock:
-        if _default is None or reload:
-            if allow is _FROM_SETTINGS:
-                from kvcore.config import load_settings
+    if allow is _FROM_SETTINGS:
+        from kvcore.config import load_settings
 
-                allow = load_settings().plugins
-            _default = PluginRegistry().load(allow)
-        return _default
+        allow = load_settings().plugins
+    key = frozenset(allow) if allow is not None else None
+    with _registries_lock:
+        if reload or key not in _registries:
+            _registries[key] = PluginRegistry().load(allow)
+        return _registries[key]

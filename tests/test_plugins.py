@@ -115,3 +115,85 @@ def test_registry_in_process_registers_module() -> None:
     duplicate.kvcore_register_eviction_policies = kvcore_register_eviction_policies  # type: ignore
     info = registry.register_module(duplicate, "dup")
     assert info.error and "already registered" in info.error
+
+
+def test_a_plugin_whose_hook_raises_is_rolled_back_whole() -> None:
+    """Its tier registered before the policy hook raised: neither stays, and the plugin is
+    unregistered (docs/plugins.md: a plugin that fails is skipped)."""
+    import types
+
+    from kvcore.hookspecs import hookimpl
+
+    plugin = types.ModuleType("half_plugin")
+
+    @hookimpl
+    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
+        register("half_tier", lambda context: None)
+
+    @hookimpl
+    def kvcore_register_eviction_policies(register):  # type: ignore[no-untyped-def]
+        raise RuntimeError("broken on purpose")
+
+    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
+    plugin.kvcore_register_eviction_policies = kvcore_register_eviction_policies  # type: ignore
+    registry = PluginRegistry().load(allow=[])
+    info = registry.register_module(plugin, "half")
+    assert info.error and "kvcore_register_eviction_policies" in info.error
+    assert "half_tier" not in registry.tiers
+    assert info.registers == {}
+    assert not registry.manager.is_registered(plugin)
+    assert "cpu" in registry.tiers  # the built-ins are untouched
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda register: register("x"), "missing"),
+    (lambda register: register("x", 3), "needs a callable"),
+    (lambda register: register("", print), "non-empty string"),
+])
+def test_registrations_are_checked_by_kind(call, message) -> None:  # type: ignore[no-untyped-def]
+    import types
+
+    from kvcore.hookspecs import hookimpl
+
+    plugin = types.ModuleType("typed_plugin")
+
+    @hookimpl
+    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
+        call(register)
+
+    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
+    info = PluginRegistry().load(allow=[]).register_module(plugin, "typed")
+    assert info.error and message in info.error and "kvcore_register_tiers" in info.error
+
+
+def test_settings_and_connectors_must_be_their_types() -> None:
+    import types
+
+    from kvcore.hookspecs import hookimpl
+
+    plugin = types.ModuleType("wrong_types")
+
+    @hookimpl
+    def kvcore_register_settings(register):  # type: ignore[no-untyped-def]
+        register(dict)
+
+    plugin.kvcore_register_settings = kvcore_register_settings  # type: ignore[attr-defined]
+    info = PluginRegistry().load(allow=[]).register_module(plugin, "wrong")
+    assert info.error and "PluginSettings subclass" in info.error
+
+
+def test_allow_list_is_honoured_after_the_first_load() -> None:
+    from kvcore.plugins import get_registry
+
+    everything = get_registry(allow=None)
+    builtins_only = get_registry(allow=[])
+    assert builtins_only is not everything
+    assert set(builtins_only.tiers) == {"cpu"}
+    assert get_registry(allow=[]) is builtins_only  # loaded once per allow-list
+
+
+def test_the_cli_commands_come_through_the_command_hook() -> None:
+    registry = PluginRegistry().load(allow=[])
+    subcommands = next(p for p in registry.plugins if p.module == "kvcore.cli.subcommands")
+    assert subcommands.registers["commands"] == [
+        "plugins", "config", "bench", "trace", "controller", "doctor"]

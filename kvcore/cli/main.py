@@ -1,7 +1,8 @@
 """Entry point of the ``kvcore`` console script.
 
-Each module in :data:`COMMANDS` defines ``add_parser(subparsers)``, which adds its sub-command
-and sets ``func(args) -> int`` on it; plugins add theirs through ``kvcore_register_commands``.
+Every sub-command comes from the ``kvcore_register_commands`` hook: the built-in ones from
+:mod:`kvcore.cli.subcommands`, plugins' the same way. Each ``add_parser(subparsers)`` adds its
+sub-command and sets ``func(args) -> int`` on it.
 A :class:`~kvcore.config.ConfigError` anywhere prints one line and exits with status 2, without
 a traceback.
 """
@@ -9,7 +10,6 @@ a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -17,24 +17,13 @@ from typing import Any
 
 from kvcore.config import ConfigError
 
-COMMANDS = (
-    "kvcore.cli.plugins_cmd",
-    "kvcore.cli.config_cmd",
-    "kvcore.cli.bench_cmd",
-    "kvcore.cli.trace_cmd",
-    "kvcore.cli.controller_cmd",
-    "kvcore.cli.doctor_cmd",
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcore", description="KV-cache layer for LLM engines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMANDS:
-        importlib.import_module(module_name).add_parser(sub)
     from kvcore.plugins import get_registry
 
-    for name, add_parser in sorted(get_registry().commands.items()):
+    for name, add_parser in get_registry().commands.items():  # built-ins first
         try:
             add_parser(sub)
         except Exception as exc:  # noqa: BLE001 - a plugin's broken command must not break the CLI
