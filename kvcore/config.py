@@ -11,9 +11,11 @@ accepted form; the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar, overload
 
@@ -258,6 +260,43 @@ def _accepted_form(cls: type[BaseSettings], field_name: str) -> str:
     if "parse_byte_size" in meta:
         return BYTE_SIZE_FORM
     return field.description or ""
+
+
+ALWAYS_KNOWN = frozenset({
+    "KVCORE_CONFIG_FILE",  # where the settings come from
+    "KVCORE_NO_NATIVE", "KVCORE_CUDA_ARCHS",  # build time (setup.py)
+    "KVCORE_SMOLLM_DIR",  # the demo model's directory (kvcore_vllm.smollm)
+    "KVCORE_ASSERT_TIMING", "KVCORE_REQUIRE_NATIVE_CUDA", "KVCORE_TEST_UCX_TLS",  # tests
+})
+"""Variables read outside the settings classes."""
+
+
+def unknown_variables(
+    classes: Iterable[type[BaseSettings]], environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str | None]]:
+    """``KVCORE_*`` variables no settings class declares: (variable, closest known one)."""
+    known = set(ALWAYS_KNOWN)
+    for cls in classes:
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        known.update(f"{prefix}{name}".upper() for name in cls.model_fields)
+    environ = os.environ if environ is None else environ
+    out: list[tuple[str, str | None]] = []
+    for variable in sorted(environ):
+        if variable.startswith("KVCORE_") and variable not in known:
+            close = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.6)
+            out.append((variable, close[0] if close else None))
+    return out
+
+
+def check_environment(classes: Iterable[type[BaseSettings]],
+                      environ: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming each unknown ``KVCORE_*`` variable (a typo would
+    otherwise be ignored without a word) and the closest known one."""
+    unknown = unknown_variables(classes, environ)
+    if unknown:
+        parts = [f"{v} (did you mean {c}?)" if c else v for v, c in unknown]
+        raise ConfigError("unknown variable(s): " + ", ".join(parts)
+                          + "; `kvcore config --reference` lists every setting")
 
 
 @overload

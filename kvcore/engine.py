@@ -31,7 +31,7 @@ import numpy as np
 
 from kvcore import chunk_format, logs
 from kvcore.background import lower_priority
-from kvcore.config import ConfigError, Settings, load_settings
+from kvcore.config import ConfigError, Settings, load_settings, unknown_variables
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
 from kvcore.metrics import Metrics
@@ -202,6 +202,19 @@ class _LowerTier:
             log.warning("kvcore tier %s: close failed: %s", self.name, exc)
 
 
+_warned_variables: set[str] = set()
+
+
+def _warn_unknown_variables(registry: PluginRegistry) -> None:
+    """One warning per process and variable for a ``KVCORE_*`` variable nothing declares (a
+    typo would silently keep the default; ``kvcore config`` rejects it)."""
+    for variable, closest in unknown_variables([Settings, *registry.settings.values()]):
+        if variable not in _warned_variables:
+            _warned_variables.add(variable)
+            log.warning("kvcore: %s is not a kvcore setting%s; ignored", variable,
+                        f" (did you mean {closest}?)" if closest else "")
+
+
 class CacheEngine:
     """One kvcore instance: the tiers of ``settings.tiers`` behind one API.
 
@@ -224,6 +237,7 @@ class CacheEngine:
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logs.configure(self.settings.log_level)
         self.registry = registry or get_registry(self.settings.plugins)
+        _warn_unknown_variables(self.registry)
         self.metrics = Metrics()
         self.chunk_size = self.settings.chunk_size
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []

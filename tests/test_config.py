@@ -119,3 +119,42 @@ def test_cli_config_json() -> None:
 def test_settings_are_documented() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, f"setting {name} has no description"
+
+
+def test_unknown_variables_are_named_with_the_closest_known_one() -> None:
+    from kvcore.config import Settings, check_environment, unknown_variables
+    from kvcore.copy.settings import CopySettings
+
+    environ = {"KVCORE_CHUNK_SIZ": "3", "KVCORE_TIERS": "cpu", "KVCORE_COPY_THREAD": "2",
+               "KVCORE_QQQQQQQQQQQQ": "1", "PATH": "/bin"}
+    assert unknown_variables([Settings, CopySettings], environ) == [
+        ("KVCORE_CHUNK_SIZ", "KVCORE_CHUNK_SIZE"), ("KVCORE_COPY_THREAD", "KVCORE_COPY_THREADS"),
+        ("KVCORE_QQQQQQQQQQQQ", None)]
+    with pytest.raises(ConfigError, match="KVCORE_CHUNK_SIZ \\(did you mean KVCORE_CHUNK_SIZE"):
+        check_environment([Settings, CopySettings], environ)
+    check_environment([Settings], {"KVCORE_TIERS": "cpu", "KVCORE_CONFIG_FILE": "x.toml"})
+
+
+def test_copy_settings_are_validated_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcore.copy.settings import copy_settings
+    from kvcore.plugins import PluginRegistry
+
+    monkeypatch.setenv("KVCORE_COPY_CUDA_MODE", "staged")
+    assert copy_settings().copy_cuda_mode == "staged"
+    monkeypatch.setenv("KVCORE_COPY_CUDA_MODE", "sideways")
+    with pytest.raises(ConfigError, match="KVCORE_COPY_CUDA_MODE='sideways'"):
+        copy_settings()
+    monkeypatch.delenv("KVCORE_COPY_CUDA_MODE")
+    assert copy_settings().copy_cuda_mode == "direct"
+    assert "CopySettings" in PluginRegistry().load(allow=[]).settings
+
+
+def test_config_and_doctor_reject_a_misspelt_variable() -> None:
+    import os
+
+    env = {**os.environ, "KVCORE_CHUNK_SIZ": "3"}
+    for command in ("config", "doctor"):
+        done = subprocess.run([sys.executable, "-m", "kvcore.cli.main", command],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert "did you mean KVCORE_CHUNK_SIZE" in done.stdout + done.stderr

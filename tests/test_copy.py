@@ -277,7 +277,8 @@ def test_doctor_and_plugins_report_the_copy_backend(capsys):
     plugins = json.loads(capsys.readouterr().out)
     assert plugins["copy_backend"]["active"] == backend_info()["active"]
     bench = [p for p in plugins["plugins"] if p["module"] == "kvcore.copy.bench"]
-    assert bench and bench[0]["registers"] == {"benchmarks": ["copy"]} and not bench[0]["error"]
+    assert bench and not bench[0]["error"]
+    assert bench[0]["registers"] == {"settings": ["CopySettings"], "benchmarks": ["copy"]}
 
 
 def test_fallback_is_chosen_when_native_is_unavailable(tmp_path):

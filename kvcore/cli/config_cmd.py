@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 
 from kvcore.cli.main import print_json
-from kvcore.config import load_settings
+from kvcore.config import Settings, check_environment, load_settings
 from kvcore.plugins import get_registry
 
 
 def effective_settings() -> dict[str, dict]:
-    """Settings by section (``core`` and each plugin's settings class), validated."""
+    """Settings by section (``core`` and each plugin's settings class), validated; an unknown
+    ``KVCORE_*`` variable is an error (naming the closest known one)."""
     settings = load_settings()
     sections: dict[str, dict] = {"core": settings.model_dump()}
     registry = get_registry(settings.plugins)
+    check_environment([Settings, *get_registry(allow=None).settings.values()])
     for name, cls in sorted(registry.settings.items()):
         sections[name] = load_settings(cls).model_dump()
     return sections

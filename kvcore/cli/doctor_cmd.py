@@ -1,4 +1,5 @@
-"""``kvcore doctor [--json]``: what this installation can do: copy backend, torch/CUDA, plugins."""
+"""``kvcore doctor [--json]``: what this installation can do: configuration, copy backend,
+torch/CUDA, plugins. Exits 2 when the configuration is one the engine would reject."""
 
 from __future__ import annotations
 
@@ -43,15 +44,33 @@ def plugin_errors() -> list[dict[str, str]]:
             for p in get_registry().failed()]
 
 
+def configuration_error() -> str | None:
+    """Why the settings (``KVCORE_*``, the config file) would be rejected; None when they pass."""
+    from kvcore.cli.config_cmd import effective_settings
+    from kvcore.config import ConfigError
+
+    try:
+        effective_settings()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+              "configuration_error": configuration_error(),
               "copy_backend": copy_info(), "torch": torch_info(),
               "plugin_errors": plugin_errors()}
+    status = 2 if report["configuration_error"] else 0
     if args.json:
         print_json(report)
-        return 0
+        return status
     copy, torch = report["copy_backend"], report["torch"]
     print(f"python        {report['python']} on {report['platform']}")
+    if report["configuration_error"]:
+        print(f"config ERROR  {report['configuration_error']}")
+    else:
+        print("configuration valid")
     print(f"copy backend  {copy.get('active')}  (cpu: {copy.get('cpu')}, "
           f"cuda: {copy.get('cuda')}, threads: {copy.get('cpu_threads')})")
     for lib, err in copy.get("errors", {}).items():
@@ -66,4 +85,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"plugin ERROR  {p['name']} ({p['module']}): {p['error']}")
     else:
         print("plugins       all loaded")
-    return 0
+    return status

@@ -191,5 +191,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @hookimpl
+def kvcore_register_settings(register: Callable[..., None]) -> None:
+    from kvcore.copy.settings import CopySettings
+
+    register(CopySettings)
+
+
+@hookimpl
 def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
     register("copy", add_arguments, run)

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvcore.copy.buffers import Plan
+from kvcore.copy.settings import copy_settings
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "_native"
 CPU_LIB = "libkvcopy_cpu.so"
@@ -34,11 +34,11 @@ errors: dict[str, str] = {}
 
 
 def _dir() -> Path:
-    return Path(os.environ.get("KVCORE_NATIVE_DIR", NATIVE_DIR))
+    return copy_settings().native_dir or Path(NATIVE_DIR)
 
 
 def _disabled() -> bool:
-    return os.environ.get("KVCORE_COPY_BACKEND", "auto").lower() in ("fallback", "torch", "numpy")
+    return copy_settings().copy_backend in ("fallback", "torch", "numpy")
 
 
 def _load(name: str) -> ctypes.CDLL | None:

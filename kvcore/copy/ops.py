@@ -7,13 +7,13 @@ the last chunk may hold fewer blocks. All layers and chunks go in one native cal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from kvcore.copy import fallback, native
 from kvcore.copy.buffers import Plan, plan
 from kvcore.copy.layout import KVLayout
+from kvcore.copy.settings import copy_settings
 
 BACKENDS = ("auto", "native", "fallback")
 
@@ -30,7 +30,7 @@ def _stream_handle(stream: Any, device: str) -> tuple[int, Any]:
 
 
 def _cuda_mode() -> int:
-    return 1 if os.environ.get("KVCORE_COPY_CUDA_MODE", "direct") == "staged" else 0
+    return 1 if copy_settings().copy_cuda_mode == "staged" else 0
 
 
 def run(p: Plan, stream: Any = None, backend: str = "auto") -> None:
