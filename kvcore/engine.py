@@ -32,6 +32,7 @@ import numpy as np
 from kvcore import chunk_format, logs
 from kvcore.background import lower_priority
 from kvcore.config import ConfigError, Settings, load_settings, unknown_variables
+from kvcore.failures import FailureLog
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys, key_namespace
 from kvcore.metrics import Metrics
@@ -137,27 +138,21 @@ class _LowerTier:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}",
                                         initializer=lower_priority, initargs=(nice,))
-        self._logged: set[str] = set()
+        self.failures = FailureLog(log, "treated as a miss", prefix=f"kvcore tier {tier.name}: ",
+                                   metrics=metrics, counter="tier_errors_total", label=tier.name)
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
         started = time.perf_counter()
         try:
             result = self._pool.submit(fn, *args).result(timeout=self.timeout_s)
         except FutureTimeout:
-            self._fail(what, f"no answer within {self.timeout_s}s")
+            self.failures.record(what, f"no answer within {self.timeout_s}s")
             return default
         except Exception as exc:
-            self._fail(what, f"{type(exc).__name__}: {exc}")
+            self.failures.record(what, exc)
             return default
         self.metrics.observe(f"tier_{what}_seconds", time.perf_counter() - started, self.name)
         return result
-
-    def _fail(self, what: str, why: str) -> None:
-        self.metrics.inc("tier_errors_total", label=self.name)
-        key = f"{what}:{why.split(':')[0]}"
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("kvcore tier %s: %s failed (%s); treated as a miss", self.name, what, why)
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         found = self.call("contains", self.tier.contains, list(keys), default=None)
@@ -180,7 +175,7 @@ class _LowerTier:
             out.append(payload)
         if corrupt:
             self.metrics.inc("corrupt_chunks_total", len(corrupt), self.name)
-            self._fail("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
+            self.failures.record("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
             self.call("delete", self.tier.delete, corrupt, default=0)
         return out
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import lmdb
 
 from kvcore import chunk_format
+from kvcore.failures import FailureLog
 from kvcore.interfaces import Buffer, EvictionPolicy, Tier, TierUsage
 from kvcore.keys import ChunkKey
 from kvcore_lmdb import files, index
@@ -72,7 +73,9 @@ class LmdbTier(Tier):
         self._touched: dict[ChunkKey, None] = {}
         self._touched_at = time.monotonic()
         self._flushing = False
-        self._logged: set[str] = set()
+        self.failures = FailureLog(log, "the chunk is a miss (memory still serves)",
+                                   prefix="kvcore-lmdb ")
+        """Disk errors: each kind logged once with what to change (:func:`explain`)."""
         self._checked_at = time.monotonic()
         self.stats = {"corrupt": 0, "evicted": 0, "errors": 0, "orphans_removed": 0,
                       "reopened": 0, "recovered": 0}
@@ -615,11 +618,7 @@ class LmdbTier(Tier):
 
     def _report(self, what: str, exc: BaseException) -> None:
         self.stats["errors"] += 1
-        message = explain(exc, self.root, self.budget)
-        kind = f"{what}:{message[:60]}"
-        if kind not in self._logged:
-            self._logged.add(kind)
-            log.warning("kvcore-lmdb %s: %s", what, message)
+        self.failures.record(what, explain(exc, self.root, self.budget))
 
 
 def _frame_matches(key: ChunkKey, value: Buffer) -> bool:

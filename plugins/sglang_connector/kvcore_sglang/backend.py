@@ -37,6 +37,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvcore.config import Settings, load_settings
 from kvcore.engine import CacheEngine
+from kvcore.failures import FailureLog
 from kvcore.keys import ChunkKey, Namespace
 from kvcore_sglang.keys import PageFormat, ShardInfo, namespace_for, page_format_of, page_keys
 from kvcore_sglang.pages import (
@@ -102,7 +103,8 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         layout = "page_first" if storage_config.is_page_first_layout else "unknown"
         self._format = PageFormat(layout=f"sglang:{layout}")
         self._namespaces: dict[str, Namespace] = {}
-        self._logged: set[str] = set()
+        self.failures = FailureLog(log, "treated as a miss", prefix="kvcore ")
+        """Every failure: logged once per kind, never raised into SGLang."""
         self.mem_pool_host: Any = None
 
     # -- setup ---------------------------------------------------------------------------------
@@ -145,15 +147,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         return page_keys(namespace.digest, list(keys), namespace.tenant)
 
     def _guard(self, what: str, default: T, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except Exception as exc:
-            kind = f"{what}:{type(exc).__name__}"
-            if kind not in self._logged:
-                self._logged.add(kind)
-                log.warning("kvcore %s failed (%s: %s); treated as a miss", what,
-                            type(exc).__name__, exc)
-            return default
+        return self.failures.guard(what, default, fn)
 
     # -- holding pages -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.engine import CacheEngine
+from kvcore.failures import FailureLog, guarded
 from kvcore_vllm.metadata import KVCoreMetadata
 from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
 from kvcore_vllm.runtime import acquire_engine, counters, release_engine
@@ -137,6 +138,14 @@ class KVCoreConnector(KVConnectorBase_V1):
                                             time.perf_counter() - started, what)
 
     @property
+    def _worker_failures(self) -> FailureLog | None:
+        return self.worker.failures if self.worker is not None else None
+
+    @property
+    def _scheduler_failures(self) -> FailureLog | None:
+        return self.scheduler.failures if self.scheduler is not None else None
+
+    @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped store is only a future miss
 
@@ -157,7 +166,7 @@ class KVCoreConnector(KVConnectorBase_V1):
             try:
                 self.worker.cancel_stores(kv_connector_metadata.preempted)
             except Exception as exc:
-                self.worker._warn_once("cancelling stores", exc)
+                self.worker.failures.record("cancelling stores", exc)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -170,15 +179,13 @@ class KVCoreConnector(KVConnectorBase_V1):
         except Exception as exc:
             for spec in meta.loads:
                 if not spec.is_async:
-                    self.worker._fail(spec.block_ids)
-            self.worker._warn_once("load", exc)
+                    self.worker.fail_blocks(spec.block_ids)
+            self.worker.failures.record("load", exc)
 
+    @guarded("layer-wise load", failures="_worker_failures")
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.worker is not None:
-            try:
-                self.worker.wait_for_layer(layer_name)
-            except Exception as exc:
-                self.worker._warn_once("layer-wise load", exc)
+            self.worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
@@ -194,7 +201,7 @@ class KVCoreConnector(KVConnectorBase_V1):
                 if isinstance(meta, KVCoreMetadata):
                     self.worker.submit_stores(meta)
         except Exception as exc:
-            self.worker._warn_once("store", exc)
+            self.worker.failures.record("store", exc)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.worker is None:
@@ -203,18 +210,13 @@ class KVCoreConnector(KVConnectorBase_V1):
             with self._timed("get_finished"):
                 sending, received = self.worker.get_finished(finished_req_ids)
         except Exception as exc:
-            self.worker._warn_once("get_finished", exc)
+            self.worker.failures.record("get_finished", exc)
             sending, received = set(), set()
         return (sending or None), (received or None)
 
+    @guarded("worker metadata", failures="_worker_failures")
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if self.worker is None:
-            return None
-        try:
-            return self.worker.take_worker_meta()
-        except Exception as exc:
-            self.worker._warn_once("worker metadata", exc)
-            return None
+        return self.worker.take_worker_meta() if self.worker is not None else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self.worker is None:
@@ -243,7 +245,7 @@ class KVCoreConnector(KVConnectorBase_V1):
             try:
                 self.scheduler.apply_worker_meta(connector_output.kv_connector_worker_meta)
             except Exception as exc:
-                self.scheduler._warn_once("worker metadata", exc)
+                self.scheduler.failures.record("worker metadata", exc)
 
     def on_new_request(self, request: Request) -> None:
         if self.scheduler is not None:
@@ -269,11 +271,12 @@ class KVCoreConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
-        try:
-            return self.scheduler.request_finished(request), None
-        except Exception as exc:
-            self.scheduler._warn_once("request_finished", exc)
-            return False, None
+        return self._request_finished(request)
+
+    @guarded("request_finished", default=(False, None), failures="_scheduler_failures")
+    def _request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request), None
 
 
 def _require_recompute_policy(transfer: Any) -> None:

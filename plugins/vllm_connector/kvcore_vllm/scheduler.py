@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcore.engine import CacheEngine
+from kvcore.failures import FailureLog
 from kvcore.keys import ChunkKey, Namespace
 from kvcore_vllm.metadata import KVCoreMetadata, LoadSpec, StoreSpec
 
@@ -86,16 +87,11 @@ class SchedulerSide:
         self.worker_chunks: set[ChunkKey] = set()
         """Mirror of the worker's CPU-tier keys when it runs in another process."""
         self._requests: dict[str, _Tracked] = {}
-        self._logged: set[str] = set()
+        self.failures = FailureLog(log, "treated as a miss", metrics=engine.metrics,
+                                   counter="vllm_scheduler_errors_total")
+        """Every failure of this side: counted, logged once per kind, never raised."""
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _warn_once(self, what: str, exc: BaseException) -> None:
-        self.engine.metrics.inc("vllm_scheduler_errors_total", label=what)
-        if what not in self._logged:
-            self._logged.add(what)
-            log.warning("kvcore: %s failed (%s: %s); treated as a miss", what,
-                        type(exc).__name__, exc)
 
     def _track(self, request: Any) -> _Tracked:
         tracked = self._requests.get(request.request_id)
@@ -116,7 +112,7 @@ class SchedulerSide:
         try:
             self._track(request)
         except Exception as exc:
-            self._warn_once("hashing a prompt", exc)
+            self.failures.record("hashing a prompt", exc)
 
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int, bool]:
@@ -146,7 +142,7 @@ class SchedulerSide:
             tracked.hit_async = self.async_loads and hit > in_memory * self.chunk_size
             return hit - num_computed_tokens, tracked.hit_async
         except Exception as exc:
-            self._warn_once("lookup", exc)
+            self.failures.record("lookup", exc)
             return 0, False
 
     def _sample_for_verification(self, tracked: _Tracked, chunks: int) -> bool:
@@ -224,7 +220,7 @@ class SchedulerSide:
             try:
                 meta.loads.append(self._load_spec(tracked, req_id, promised))
             except Exception as exc:
-                self._warn_once("planning a load", exc)
+                self.failures.record("planning a load", exc)
                 self._fail_promise(meta, req_id, promised, tracked.hit_async)
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             tracked = self._requests.get(req_id)
@@ -233,7 +229,7 @@ class SchedulerSide:
             try:
                 self._plan_stores(meta, tracked, req_id, scheduled)
             except Exception as exc:
-                self._warn_once("planning a store", exc)
+                self.failures.record("planning a store", exc)
         self._skip_zeroing(scheduler_output, meta)
         return meta
 

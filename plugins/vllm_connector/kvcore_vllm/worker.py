@@ -29,6 +29,7 @@ import torch
 
 from kvcore.background import lower_priority
 from kvcore.engine import CacheEngine, StoreHandle
+from kvcore.failures import FailureLog
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace
 from kvcore_vllm.copyops import KVLayout, gather, layout_for, scatter
 from kvcore_vllm.metadata import KVCoreMetadata, KVCoreWorkerMeta, LoadSpec, StoreSpec
@@ -90,7 +91,7 @@ class _LayerwiseLoad:
                         self.worker._scatter(spec, lease.views[:n], layers=[layer])
                     except Exception as exc:
                         self.fail(spec)
-                        self.worker._warn_once("layer-wise load", exc)
+                        self.worker.failures.record("layer-wise load", exc)
                 self.events[layer].set()
         finally:
             for event in self.events:
@@ -126,7 +127,9 @@ class WorkerSide:
         self._pending: dict[str, list[tuple[StoreHandle, BlockSource]]] = {}
         self._finished: dict[str, float] = {}
         self._layerwise: _LayerwiseLoad | None = None
-        self._logged: set[str] = set()
+        self.failures = FailureLog(log, "the blocks are recomputed", metrics=engine.metrics,
+                                   counter="vllm_worker_errors_total")
+        """Every failure of this side: counted, logged once per kind, never raised."""
         self._unstored: dict[str, int] = {}
         """Request -> first prompt chunk to store again (reported to the scheduler)."""
         self._async_lock = threading.Lock()
@@ -135,7 +138,7 @@ class WorkerSide:
         self._async_threads: list[threading.Thread] = []
         self.verifier = Verifier(engine, verify_tolerance)
 
-    def _fail(self, block_ids: Sequence[int]) -> None:
+    def fail_blocks(self, block_ids: Sequence[int]) -> None:
         """Blocks whose load failed: reported to vLLM (recompute) and zeroed, as vLLM would
         have zeroed them had the scheduler not skipped that for a load."""
         block_ids = list(block_ids)
@@ -148,14 +151,7 @@ class WorkerSide:
                 flash = layer.dim() == 5 and layer.shape[0] == 2
                 layer.index_fill_(1 if flash else 0, ids, 0)
         except Exception as exc:
-            self._warn_once("zeroing failed blocks", exc)
-
-    def _warn_once(self, what: str, exc: BaseException) -> None:
-        self.engine.metrics.inc("vllm_worker_errors_total", label=what)
-        if what not in self._logged:
-            self._logged.add(what)
-            log.warning("kvcore: %s failed (%s: %s); the blocks are recomputed", what,
-                        type(exc).__name__, exc)
+            self.failures.record("zeroing failed blocks", exc)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -237,7 +233,7 @@ class WorkerSide:
                 continue
             lease, n, failed, first_failed = self._lease(spec)
             if failed:
-                self._fail(failed)
+                self.fail_blocks(failed)
                 self._note_unstored(spec.req_id, first_failed)
             if lease is None:
                 continue
@@ -247,9 +243,9 @@ class WorkerSide:
             try:
                 self._scatter(spec, lease.views[:n])
             except Exception as exc:
-                self._fail(spec.block_ids)
+                self.fail_blocks(spec.block_ids)
                 self._note_unstored(spec.req_id, spec.first_chunk)
-                self._warn_once("scatter", exc)
+                self.failures.record("scatter", exc)
             finally:
                 lease.close()
         if jobs:
@@ -270,7 +266,7 @@ class WorkerSide:
             keys = self.own_keys(spec.keys, spec.tenant)
             lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s)
         except Exception as exc:
-            self._warn_once("acquiring chunks", exc)
+            self.failures.record("acquiring chunks", exc)
             return None, 0, list(spec.block_ids), spec.first_chunk
         nbytes = self.chunk_nbytes()  # a chunk of another size is foreign: never copy it
         n = next((i for i, v in enumerate(lease.views) if v.nbytes != nbytes), len(lease))
@@ -278,7 +274,7 @@ class WorkerSide:
         if n < len(spec.keys):
             failed = self._failed_blocks(spec, n)
             self.engine.metrics.inc("vllm_load_error_blocks_total", len(failed))
-            self._warn_once("loading chunks", RuntimeError(
+            self.failures.record("loading chunks", RuntimeError(
                 f"{len(spec.keys) - n} of {len(spec.keys)} promised chunks unavailable"))
         if n == 0:
             lease.close()
@@ -302,7 +298,7 @@ class WorkerSide:
                     self._scatter(spec, lease.views[:n])
             except Exception as exc:
                 failed, first_failed = list(spec.block_ids), spec.first_chunk
-                self._warn_once("asynchronous load", exc)
+                self.failures.record("asynchronous load", exc)
             finally:
                 if lease is not None:
                     lease.close()
@@ -318,14 +314,14 @@ class WorkerSide:
         if index is not None and not load.events[index].wait(self.load_timeout_s):
             for spec, _, _ in load.jobs:
                 load.fail(spec)
-            self._warn_once("layer-wise load", TimeoutError(f"layer {layer_name} late"))
+            self.failures.record("layer-wise load", TimeoutError(f"layer {layer_name} late"))
 
     def finish_layerwise(self) -> None:
         """Join the layer-wise loader (it only copies memory, so this ends)."""
         load, self._layerwise = self._layerwise, None
         if load is not None:
             load.thread.join()
-            self._fail(sorted({b for spec in load.failed_specs for b in spec.block_ids}))
+            self.fail_blocks(sorted({b for spec in load.failed_specs for b in spec.block_ids}))
             for spec in load.failed_specs:
                 self._note_unstored(spec.req_id, spec.first_chunk)
 
@@ -382,12 +378,12 @@ class WorkerSide:
                 try:
                     self.verifier.submit(keys, source, self.layers[0].dtype, spec.first_chunk)
                 except Exception as exc:
-                    self._warn_once("verification", exc)
+                    self.failures.record("verification", exc)
                 continue
             try:
                 handle = self.engine.store(keys, source)
             except Exception as exc:
-                self._warn_once("store", exc)
+                self.failures.record("store", exc)
                 continue
             pending.append((handle, source))
             self.engine.metrics.inc("vllm_store_requests_total")
@@ -440,7 +436,7 @@ class WorkerSide:
                 for _, source in pending:
                     source.cancel()
                 self.engine.metrics.inc("vllm_store_timeouts_total")
-                self._warn_once("store", TimeoutError(
+                self.failures.record("store", TimeoutError(
                     f"not done after {self.store_timeout_s}s; blocks released"))
                 done.add(req_id)
         for req_id in done:
