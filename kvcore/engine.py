@@ -185,9 +185,9 @@ class _LowerTier:
             for key, view in items
         ]
         stored = self.call("put", self.tier.put, framed, default=None)
-        count = sum(1 for ok in (stored or []) if ok)
-        self.metrics.inc("bytes_stored_total", sum(v.nbytes for _, v in items), self.name)
-        return count
+        accepted = [v for (_, v), ok in zip(items, stored or []) if ok]
+        self.metrics.inc("bytes_stored_total", sum(v.nbytes for v in accepted), self.name)
+        return len(accepted)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -303,7 +303,7 @@ class CacheEngine:
         self.memory._notify = self._notify
 
     def _notify(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
-        self.metrics.inc(f"chunks_{kind}ed_total" if kind == "admit" else "evictions_total",
+        self.metrics.inc("chunks_admitted_total" if kind == "admit" else "evictions_total",
                          len(keys), tier)
         for observer in list(self._observers):
             try:

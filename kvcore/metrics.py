@@ -10,6 +10,77 @@ import threading
 from collections import defaultdict
 from typing import Any
 
+CATALOGUE: dict[str, str] = {
+    # lookups and stores (the engine)
+    "lookups_total": "Prefix lookups.",
+    "hit_tokens_total": "Prompt tokens found cached by lookups.",
+    "miss_tokens_total": "Prompt tokens not cached at lookup (full chunks only).",
+    "lookup_seconds": "Latency of one lookup.",
+    "stored_chunks_total": "Chunks stored into the memory tier.",
+    "store_rejected_chunks_total": "Chunks the memory tier refused (full of held or pinned "
+                                   "chunks, larger than its budget, admission).",
+    "stores_dropped_total": "Stores dropped because the store queue was full.",
+    "store_errors_total": "Stores that failed.",
+    "store_seconds": "Latency of one store into the memory tier.",
+    "write_behind_dropped_total": "Chunks not copied to a lower tier (write-behind queue full).",
+    "bytes_stored_total": "Chunk bytes a tier accepted, by tier.",
+    "bytes_loaded_total": "Chunk bytes loaded, by tier.",
+    "promoted_chunks_total": "Chunks read from a lower tier into memory, by source tier.",
+    "chunks_admitted_total": "Chunks a tier admitted, by tier (reported by tiers).",
+    "evictions_total": "Chunks evicted (or deleted), by tier.",
+    "corrupt_chunks_total": "Chunks that failed verification (a miss, deleted), by tier.",
+    "tier_errors_total": "Failed or timed-out tier operations, by tier.",
+    "tier_contains_seconds": "Latency of one lookup in a lower tier.",
+    "tier_get_seconds": "Latency of one load from a lower tier.",
+    "tier_put_seconds": "Latency of one store into a lower tier.",
+    "tier_delete_seconds": "Latency of one delete in a lower tier.",
+    "tier_pin_seconds": "Latency of one pin in a lower tier.",
+    "tier_unpin_seconds": "Latency of one unpin in a lower tier.",
+    "tier_usage_seconds": "Latency of one usage report of a lower tier.",
+    # tier usage (gauges rendered from stats())
+    "tier_used_bytes": "Bytes held by a tier.",
+    "tier_budget_bytes": "Byte budget of a tier.",
+    "tier_chunks": "Chunks held by a tier.",
+    "tier_usage_ratio": "Used bytes over budget of a tier.",
+    # the vLLM connector
+    "vllm_connector_seconds": "Time in one connector call, by call.",
+    "vllm_loaded_tokens_total": "Tokens loaded into vLLM's blocks.",
+    "vllm_load_error_blocks_total": "Blocks whose load failed (recomputed by vLLM).",
+    "vllm_async_loads_total": "Asynchronous loads started.",
+    "vllm_store_requests_total": "Requests whose chunks were submitted for storing.",
+    "vllm_store_cancelled_total": "Stores cancelled (request preempted or finished early).",
+    "vllm_store_timeouts_total": "Stores not finished within KVCORE_VLLM_STORE_TIMEOUT_S.",
+    "vllm_stores_dropped_total": "Stores dropped because their blocks or context failed to "
+                                 "load in the same step.",
+    "vllm_stores_rewound_total": "Requests whose stored-chunk count was rewound after a "
+                                 "failed load.",
+    "vllm_preempted_requests_total": "Requests preempted while kvcore tracked them.",
+    "vllm_worker_errors_total": "Worker-side failures (the blocks are recomputed), by kind.",
+    "vllm_scheduler_errors_total": "Scheduler-side failures (treated as a miss), by kind.",
+    # sampled verification (kvcore_vllm.verify)
+    "verify_sampled_total": "Requests recomputed to verify kvcore's copy.",
+    "verify_chunks_total": "Chunks compared with vLLM's recompute.",
+    "verify_exact_total": "Compared chunks bit-identical to the recompute.",
+    "verify_within_tolerance_total": "Compared chunks within KVCORE_VERIFY_TOLERANCE.",
+    "verify_mismatch_total": "Compared chunks beyond the tolerance (deleted and replaced).",
+    "verify_skipped_total": "Verifications skipped (too many waiting).",
+    "verify_errors_total": "Verifications that failed.",
+    "verify_difference": "Largest relative difference of a chunk accepted within tolerance.",
+    # the controller
+    "controller_instances": "Instances registered with the controller.",
+    "controller_chunks_indexed": "Chunks the controller's index holds, by instance and tier.",
+    "controller_commands_total": "Commands sent to instances, by operation.",
+    "controller_command_failures_total": "Commands that failed or timed out, by operation.",
+    "controller_events_total": "Chunk keys admitted or evicted as reported by instances.",
+    "controller_auth_failures_total": "Requests refused for a missing or wrong token.",
+    "controller_instances_expired_total": "Instances dropped after missing heartbeats.",
+    "controller_registrations_total": "Instance registrations (first and again).",
+    "controller_lookups_total": "Lookup requests.",
+    "controller_routes_total": "Route requests.",
+}
+"""Every metric kvcore records, with its help text (the Prometheus ``# HELP`` line). A test
+checks that each name recorded in the code is listed here."""
+
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 

@@ -12,39 +12,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kvcore.metrics import CATALOGUE
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
 
-HELP = {
-    "lookups_total": "Prefix lookups.",
-    "hit_tokens_total": "Prompt tokens found cached by lookups.",
-    "miss_tokens_total": "Prompt tokens not cached at lookup (full chunks only).",
-    "bytes_stored_total": "Chunk bytes stored, by tier.",
-    "bytes_loaded_total": "Chunk bytes loaded, by tier.",
-    "evictions_total": "Chunks evicted (or deleted), by tier.",
-    "tier_errors_total": "Failed or timed-out tier operations, by tier.",
-    "store_seconds": "Latency of one store into the CPU tier.",
-    "lookup_seconds": "Latency of one lookup.",
-    "tier_get_seconds": "Latency of one load from a lower tier.",
-    "tier_put_seconds": "Latency of one store into a lower tier.",
-    "tier_used_bytes": "Bytes held by a tier.",
-    "tier_budget_bytes": "Byte budget of a tier.",
-    "tier_chunks": "Chunks held by a tier.",
-    "tier_usage_ratio": "Used bytes over budget of a tier.",
-    "stored_chunks_total": "Chunks stored into the CPU tier.",
-    "stores_dropped_total": "Stores dropped because the store queue was full.",
-    "store_errors_total": "Stores that failed.",
-    "controller_instances": "Instances registered with the controller.",
-    "controller_chunks_indexed": "Chunks the controller's index holds, by instance and tier.",
-    "controller_commands_total": "Commands sent to instances, by operation.",
-    "controller_command_failures_total": "Commands that failed or timed out, by operation.",
-    "controller_events_total": "Chunk keys admitted or evicted as reported by instances.",
-    "controller_auth_failures_total": "Requests refused for a missing or wrong token.",
-    "controller_instances_expired_total": "Instances dropped after missing heartbeats.",
-    "controller_registrations_total": "Instance registrations (first and again).",
-    "controller_lookups_total": "Lookup requests.",
-    "controller_routes_total": "Route requests.",
-}
+HELP = CATALOGUE
+"""Help texts: :data:`kvcore.metrics.CATALOGUE`."""
 
 
 class Families:

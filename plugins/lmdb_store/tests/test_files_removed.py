@@ -114,5 +114,8 @@ def test_files_removed_while_writer_processes_run(tmp_path, victim, figure) -> N
           f"stored ({refused} refused), {lost} lost "
           f"({100 * lost / max(1, len(stored)):.1f}%), exit codes "
           f"{[o[0] for o in outs]}")
-    assert all(o[2].count("removed or replaced") == 1 for o in outs[:2])  # one clear line each
+    # One clear line per event in each running writer: the deletion, and possibly the fresh
+    # process's new file replacing the restored one a moment later (two events, two lines).
+    notices = [o[2].count("removed or replaced") for o in outs[:2]]
+    assert all(1 <= n <= 2 for n in notices), notices
     assert lost == 0
