@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from kvcore.keys import ChunkKey
 from kvcore_nixl import auth, wire
@@ -95,6 +96,7 @@ class PeerClient:
     def __init__(
         self, address: str, agent: Agent, timeout_s: float = 4.0,
         connect_timeout_s: float = 0.5, retry_s: float = 2.0, secret: bytes | None = None,
+        max_read_bytes: int = 4 << 30,
     ) -> None:
         """``secret``: KVCORE_NIXL_SECRET; with it the peer must prove it too (see
         :mod:`kvcore_nixl.auth`), without it only a peer that does not ask is read from."""
@@ -112,6 +114,11 @@ class PeerClient:
         self._stuck: list[tuple[Any, Any, np.ndarray]] = []
         """Transfers that could not be cancelled yet: (handle, registration, buffer)."""
         self._stuck_lock = threading.Lock()
+        self.max_read_bytes = max_read_bytes
+        """Largest total one read may allocate (a peer's lease answer is bounded before any
+        buffer is taken)."""
+        self.corrupt = 0
+        """Chunks whose bytes did not match the checksum the peer sent (misses)."""
 
     # -- side channel --------------------------------------------------------------------------
 
@@ -227,8 +234,12 @@ class PeerClient:
     def _read_leased(
         self, lease_id: int, chunks: list[Any], metadata: bytes, deadline: float
     ) -> list[memoryview | None]:
-        remote = [(int(c[0]), int(c[1])) for c in chunks if c is not None]
+        chunks = [self._checked(c) if c is not None else None for c in chunks]
+        remote = [(c[0], c[1]) for c in chunks if c is not None]
         total = sum(n for _, n in remote)
+        if total > self.max_read_bytes:
+            raise PeerError(f"peer {self.address} offered {total} bytes, more than one read "
+                            f"may take ({self.max_read_bytes}; the memory tier's budget)")
         block, descs = self.pool.take(max(total, 1))
         base = address_of(block)
         local, offset = [], 0
@@ -259,10 +270,27 @@ class PeerClient:
         for chunk in chunks:
             if chunk is None:
                 out.append(None)
+                continue
+            part = view[offset : offset + chunk[1]]
+            offset += chunk[1]
+            if xxhash.xxh3_64_intdigest(part) != chunk[2]:
+                self.corrupt += 1
+                log.warning("kvcore nixl: a chunk read from %s does not match its checksum; "
+                            "treated as a miss", self.address)
+                out.append(None)
             else:
-                out.append(view[offset : offset + int(chunk[1])])
-                offset += int(chunk[1])
+                out.append(part)
         return out
+
+    def _checked(self, chunk: Any) -> tuple[int, int, int]:
+        """One lease entry, ``[address, length, xxh3]``: three non-negative ints, the length
+        at least 1 and within :attr:`max_read_bytes`; anything else is a malformed answer."""
+        if (not isinstance(chunk, list) or len(chunk) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                           for x in chunk)
+                or not 0 < chunk[1] <= self.max_read_bytes or chunk[2] >= 1 << 64):
+            raise PeerError(f"peer {self.address}: malformed lease entry {str(chunk)[:80]}")
+        return chunk[0], chunk[1], chunk[2]
 
     def _wait(self, handle: Any, state: str, deadline: float) -> bool:
         """Poll the transfer until it ends. Each poll also drives NIXL's progress (there is no

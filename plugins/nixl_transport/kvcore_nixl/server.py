@@ -6,8 +6,9 @@ A peer talks to the server over a small TCP side channel (:mod:`kvcore_nixl.wire
 - ``contains`` (keys) -> which keys the CPU tier holds or is storing right now;
 - ``lease`` (keys) -> the server waits (briefly) for stores of those keys still running, then
   acquires the chunks it holds (so they are neither evicted nor
-  freed), registers their memory with NIXL and answers ``(address, length)`` per chunk plus the
-  partial NIXL metadata of that registration; the peer then READs the bytes itself;
+  freed), registers their memory with NIXL and answers ``(address, length, XXH3-64)`` per chunk
+  plus the partial NIXL metadata of that registration; the peer then READs the bytes itself and
+  checks each chunk's length and checksum (a chunk that does not match is a miss);
 - ``release`` (lease id) -> ends a lease early (the peer's transfer failed);
 - ``stats`` -> live leases, registrations, chunks held and being stored (tests, operators).
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from kvcore.interfaces import MemoryTier
 from kvcore.keys import ChunkKey
@@ -70,6 +72,12 @@ class Limits:
     max_leases_per_peer: int = 16
     max_lease_fraction: float = 0.5
     allow_unauthenticated: bool = False
+
+
+def payload_digest(view: memoryview) -> int:
+    """XXH3-64 of a chunk's payload, sent with its lease so the reader can verify the bytes it
+    READs (a torn or corrupted transfer, a region reused under it)."""
+    return xxhash.xxh3_64_intdigest(view)
 
 
 class Malformed(ValueError):
@@ -245,7 +253,7 @@ class ChunkServer:
                 continue
             region = (address_of(np.frombuffer(view, dtype=np.uint8)), view.nbytes)
             regions.append(region)
-            chunks.append(list(region))
+            chunks.append([*region, payload_digest(view)])
         try:
             descs = self.agent.register(regions)
         except Exception:

@@ -29,7 +29,9 @@ class NixlPeerTier(Tier):
     """Reads chunks from peers over NIXL; optionally serves the local CPU tier."""
 
     name = "nixl_peer"
-    framed = False  # bytes come straight from a peer's memory tier, which holds raw payloads
+    framed = False
+    """Values are raw payloads from a peer's memory tier: the engine does not unframe them, the
+    client verifies each chunk's length and XXH3-64 checksum sent with its lease instead."""
 
     def __init__(
         self, settings: NixlSettings, memory: MemoryTier | None = None, agent: Agent | None = None,
@@ -45,7 +47,8 @@ class NixlPeerTier(Tier):
                         "not serving")
         self.clients = [
             PeerClient(address, self.agent, settings.timeout_s, settings.connect_timeout_s,
-                       settings.retry_s, settings.secret_bytes())
+                       settings.retry_s, settings.secret_bytes(),
+                       max_read_bytes=memory.budget if memory is not None else 4 << 30)
             for address in settings.peers
         ] if settings.peers else []
 

@@ -22,7 +22,7 @@ from kvcore.eviction.lru import LRUPolicy
 from kvcore.tiers.cpu import CpuTier
 from kvcore_nixl import wire
 from kvcore_nixl.agent import Agent
-from kvcore_nixl.client import PeerClient
+from kvcore_nixl.client import PeerClient, PeerError
 from kvcore_nixl.peer import chunk_payload, peer_keys
 from kvcore_nixl.server import ChunkServer, Limits
 
@@ -319,3 +319,55 @@ def test_frames_of_the_protocol_stay_json(served) -> None:
     finally:
         sock.close()
     json.dumps({})  # (json is what wire uses)
+
+
+def test_bytes_that_do_not_match_their_checksum_are_misses(served, agents, monkeypatch,
+                                                           figure) -> None:
+    """The lease sends each chunk's XXH3-64; a chunk whose READ bytes differ (here: the server
+    announces a wrong checksum for every second chunk) is a miss, the others load intact."""
+    import kvcore_nixl.server as server_module
+
+    server, keys = served
+    real = server_module.payload_digest
+    calls = [0]
+
+    def lying(view):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(view) ^ (calls[0] % 2)  # every other one off by a bit
+
+    monkeypatch.setattr(server_module, "payload_digest", lying)
+    client = PeerClient(server.address, agents[1], timeout_s=5.0, secret=SECRET)
+    try:
+        values = client.read(keys[:4])
+        corrupt = client.corrupt
+    finally:
+        client.close()
+    figure(f"4 chunks read, 2 announced with a wrong checksum: {corrupt} refused, "
+          f"{sum(v is not None for v in values)} loaded")
+    assert [v is None for v in values] == [True, False, True, False]
+    assert all(_valid(k, v) for k, v in zip(keys[1::2], values[1:4:2]))
+    assert corrupt == 2
+    wait_until = time.monotonic() + 5.0
+    while server.active_leases() and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    assert server.active_leases() == 0
+
+
+@pytest.mark.parametrize("entry", [
+    [0, 1 << 40, 0],  # a terabyte: refused before any buffer is taken
+    [0, 0, 0],  # empty
+    ["0", 16, 0],  # not an int
+    [0, 16],  # no checksum
+    [-1, 16, 0],
+])
+def test_a_lease_answer_out_of_bounds_is_a_miss_without_allocating(agents, entry) -> None:
+    """A peer's answer is checked before the client takes a receive buffer of its size."""
+    client = PeerClient("127.0.0.1:1", agents[1], timeout_s=1.0, max_read_bytes=1 << 30)
+    taken: list[int] = []
+    client.pool.take = lambda n: taken.append(n)  # type: ignore[assignment,method-assign,misc,return-value]
+    try:
+        with pytest.raises(PeerError, match="malformed lease entry|more than one read"):
+            client._read_leased(1, [entry], b"", time.monotonic() + 1)
+    finally:
+        client.close()
+    assert taken == []
