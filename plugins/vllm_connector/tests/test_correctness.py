@@ -8,7 +8,6 @@ recompute gives, so a chunk stored from KV computed over a failed load shows up 
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import numpy as np
@@ -222,19 +221,11 @@ class SlowMemoryTier:
 
 def with_slow_tier(h, delay_s: float) -> SlowMemoryTier:
     """Put a slow lower tier under the harness's engine (write-behind fills it)."""
-    from kvcore.engine import _LowerTier
     from kvcore.interfaces import Tier
 
     engine = h.worker_side.engine
     tier = type("SlowTier", (SlowMemoryTier, Tier), {})(delay_s)
-    engine.lower.append(_LowerTier(tier, 10.0, engine.metrics))
-    import queue
-
-    engine._behind_queues.append(queue.Queue())
-    thread = threading.Thread(target=engine._behind_worker, args=(len(engine.lower) - 1,),
-                              daemon=True)
-    engine._threads.append(thread)
-    thread.start()
+    engine.add_lower_tier(tier)
     return tier
 
 

@@ -1,0 +1,206 @@
+"""The synchronous tier stack: where each chunk is, promotion into memory, delete, pin, clear,
+stats.
+
+The memory tier comes first; every tier below it is wrapped in a :class:`LowerTier`, which
+bounds each call by ``KVCORE_TIER_TIMEOUT_S``, frames values on the way down and verifies them
+on the way up (a corrupted or foreign value is a miss and is deleted), and turns every failure
+into a miss through one :class:`~kvcore.failures.FailureLog`. Nothing here starts a thread of
+its own beyond each lower tier's call pool: the asynchronous work lives in
+:mod:`kvcore.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from kvcore import chunk_format
+from kvcore.background import lower_priority
+from kvcore.failures import FailureLog
+from kvcore.interfaces import MemoryTier, Tier
+from kvcore.keys import ChunkKey, Namespace, key_namespace
+from kvcore.metrics import Metrics
+
+log = logging.getLogger("kvcore.engine")
+
+
+class LowerTier:
+    """A tier below memory, with bounded waits, framing, and once-per-kind error logging."""
+
+    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0) -> None:
+        self.tier = tier
+        self.name = tier.name
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}",
+                                        initializer=lower_priority, initargs=(nice,))
+        self.failures = FailureLog(log, "treated as a miss", prefix=f"kvcore tier {tier.name}: ",
+                                   metrics=metrics, counter="tier_errors_total", label=tier.name)
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, default: Any) -> Any:
+        """``fn(*args)`` in this tier's pool, waiting at most the tier timeout; ``default``
+        (recorded) when it raises or does not answer in time."""
+        started = time.perf_counter()
+        try:
+            result = self._pool.submit(fn, *args).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self.failures.record(what, f"no answer within {self.timeout_s}s")
+            return default
+        except Exception as exc:  # noqa: BLE001 - a tier's failure is a miss, never an error
+            self.failures.record(what, exc)
+            return default
+        self.metrics.observe(f"tier_{what}_seconds", time.perf_counter() - started, self.name)
+        return result
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = self.call("contains", self.tier.contains, list(keys), default=None)
+        return list(found) if found is not None and len(found) == len(keys) else [False] * len(keys)
+
+    def get_verified(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
+        """Payloads of ``keys`` (None for a miss); corrupted values are deleted."""
+        values = self.call("get", self.tier.get, list(keys), default=None)
+        if values is None or len(values) != len(keys):
+            return [None] * len(keys)
+        out: list[memoryview | None] = []
+        corrupt: list[ChunkKey] = []
+        for key, value in zip(keys, values):
+            payload = chunk_format.decode(key, value) if self.tier.framed else (
+                memoryview(value).cast("B") if value is not None else None
+            )
+            if value is not None and payload is None:
+                corrupt.append(key)
+            if payload is not None:
+                self.metrics.inc("bytes_loaded_total", payload.nbytes, self.name)
+            out.append(payload)
+        if corrupt:
+            self.metrics.inc("corrupt_chunks_total", len(corrupt), self.name)
+            self.failures.record("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
+            self.call("delete", self.tier.delete, corrupt, default=0)
+        return out
+
+    def put(self, items: Sequence[tuple[ChunkKey, memoryview]], tokens: int) -> int:
+        """Store payloads (framed for this tier); return how many it accepted."""
+        framed = [
+            (key, chunk_format.encode(key, view, tokens) if self.tier.framed else [view])
+            for key, view in items
+        ]
+        stored = self.call("put", self.tier.put, framed, default=None)
+        accepted = [v for (_, v), ok in zip(items, stored or []) if ok]
+        self.metrics.inc("bytes_stored_total", sum(v.nbytes for v in accepted), self.name)
+        return len(accepted)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.tier.close()
+        except Exception as exc:  # noqa: BLE001 - closing the others matters more
+            log.warning("kvcore tier %s: close failed: %s", self.name, exc)
+
+
+class TierStack:
+    """The memory tier and the lower tiers below it, asked fastest first."""
+
+    def __init__(self, memory: MemoryTier, lower: list[LowerTier], metrics: Metrics) -> None:
+        self.memory = memory
+        self.lower = lower
+        self.metrics = metrics
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [self.memory, *(t.tier for t in self.lower)]
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
+        """For each key, the first tier (fastest first) that holds it; ``None`` where none
+        does. Lower tiers are asked only about chunks after the first one memory misses."""
+        source: list[str | None] = [self.memory.name if hit else None
+                                    for hit in self.memory.contains(keys)]
+        first_gap = next((i for i, s in enumerate(source) if s is None), len(keys))
+        missing = [i for i in range(first_gap, len(keys)) if source[i] is None]
+        for tier in self.lower:
+            if not missing:
+                break
+            hits = tier.contains([keys[i] for i in missing])
+            for i, hit in zip(missing, hits):
+                if hit:
+                    source[i] = tier.name
+            missing = [i for i, hit in zip(missing, hits) if not hit]
+        return source
+
+    def promote(self, keys: list[ChunkKey], parents: dict[ChunkKey, ChunkKey | None]) -> int:
+        """Read ``keys`` missing from memory from the lower tiers (verified) into memory."""
+        missing = [k for k, hit in zip(keys, self.memory.contains(keys)) if not hit]
+        promoted = 0
+        for tier in self.lower:
+            if not missing:
+                break
+            payloads = tier.get_verified(missing)
+            still = []
+            for key, payload in zip(missing, payloads):
+                if payload is None:
+                    still.append(key)
+                elif self.memory.put_one(key, [payload], parents.get(key)):
+                    promoted += 1
+                    self.metrics.inc("promoted_chunks_total", label=tier.name)
+            missing = still
+        return promoted
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove chunks from every tier; return how many copies were removed."""
+        keys = list(keys)
+        removed = self.memory.delete(keys)
+        for tier in self.lower:
+            removed += tier.call("delete", tier.tier.delete, keys, default=0)
+        return removed
+
+    def pin(self, keys: Sequence[ChunkKey]) -> int:
+        keys = list(keys)
+        return self.memory.pin(keys) + sum(
+            t.call("pin", t.tier.pin, keys, default=0) for t in self.lower)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> int:
+        keys = list(keys)
+        return self.memory.unpin(keys) + sum(
+            t.call("unpin", t.tier.unpin, keys, default=0) for t in self.lower)
+
+    def clear(self, namespace: Namespace | bytes | None = None, tier: str | None = None) -> int:
+        """Remove every chunk (of one namespace, in one tier, when given)."""
+        ns = namespace.digest if isinstance(namespace, Namespace) else namespace
+        removed = 0
+        if tier is None or tier == self.memory.name:
+            keys = [k for k in self.memory.iter_keys() if ns is None or key_namespace(k) == ns]
+            self.memory.unpin(keys)
+            removed += self.memory.delete(keys)
+        for lower in self.lower:
+            if tier is not None and lower.name != tier:
+                continue
+            keys = [k for k in lower.tier.iter_keys() if ns is None or key_namespace(k) == ns]
+            removed += lower.call("delete", lower.tier.delete, keys, default=0)
+        return removed
+
+    def usage(self) -> dict[str, Any]:
+        """Each tier's usage; a lower tier's is read with the same bounded wait as every other
+        lower-tier call (a tier that does not answer reports an error)."""
+        tiers: dict[str, Any] = {}
+        sources: list[MemoryTier | LowerTier] = [self.memory, *self.lower]
+        for t in sources:
+            try:
+                if isinstance(t, LowerTier):
+                    u = t.call("usage", t.tier.usage, default=None)
+                    if u is None:
+                        tiers[t.name] = {"error": f"no usage within {t.timeout_s}s"}
+                        continue
+                else:
+                    u = t.usage()
+                tiers[t.name] = {"used_bytes": u.used_bytes, "budget_bytes": u.budget_bytes,
+                                 "chunks": u.chunks}
+            except Exception as exc:  # noqa: BLE001 - stats report a broken tier, never raise
+                tiers[t.name] = {"error": str(exc)}
+        return tiers
+
+    def close(self) -> None:
+        for tier in self.lower:
+            tier.close()
