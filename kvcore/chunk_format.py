@@ -55,14 +55,22 @@ def decode(key: ChunkKey, blob: Buffer | None) -> memoryview | None:
     view = memoryview(blob).cast("B")
     if view.nbytes < HEADER_BYTES:
         return None
-    head = bytes(view[: _HEAD.size])
+    payload = view[HEADER_BYTES:]
+    return payload if matches(key, view[:HEADER_BYTES], payload) else None
+
+
+def matches(key: ChunkKey, header: Buffer, payload: Buffer) -> bool:
+    """Whether ``header`` frames ``payload`` under ``key``: magic, version, key, length and
+    checksum all verify (for a frame whose parts arrive apart, such as a NIXL peer's read)."""
+    head_view = memoryview(header).cast("B")
+    if head_view.nbytes != HEADER_BYTES:
+        return False
+    head = bytes(head_view[: _HEAD.size])
     magic, version, _flags, stored_key, _tokens, _res, length = _HEAD.unpack(head)
     if magic != MAGIC or version != VERSION or stored_key != key:
-        return None
-    if view.nbytes != HEADER_BYTES + length:
-        return None
-    (stored_sum,) = _SUM.unpack(view[_HEAD.size : HEADER_BYTES])
-    payload = view[HEADER_BYTES:]
-    if checksum(head, payload) != stored_sum:
-        return None
-    return payload
+        return False
+    payload_view = memoryview(payload).cast("B")
+    if payload_view.nbytes != length:
+        return False
+    (stored_sum,) = _SUM.unpack(head_view[_HEAD.size :])
+    return checksum(head, payload_view) == stored_sum

@@ -17,8 +17,8 @@ import weakref
 from typing import Any
 
 import numpy as np
-import xxhash
 
+from kvcore import chunk_format
 from kvcore.keys import ChunkKey
 from kvcore_nixl import auth, wire
 from kvcore_nixl.agent import Agent, address_of
@@ -225,17 +225,18 @@ class PeerClient:
         if not lease_id or not isinstance(chunks, list) or len(chunks) != len(keys):
             return misses
         try:
-            return self._read_leased(lease_id, chunks, metadata, deadline)
+            return self._read_leased(lease_id, keys, chunks, metadata, deadline)
         except Exception as exc:
             log.warning("kvcore nixl: read from %s failed: %s", self.address, exc)
             self._release(lease_id)
             return misses
 
     def _read_leased(
-        self, lease_id: int, chunks: list[Any], metadata: bytes, deadline: float
+        self, lease_id: int, keys: list[ChunkKey], chunks: list[Any], metadata: bytes,
+        deadline: float,
     ) -> list[memoryview | None]:
-        chunks = [self._checked(c) if c is not None else None for c in chunks]
-        remote = [(c[0], c[1]) for c in chunks if c is not None]
+        entries = [self._checked(c) if c is not None else None for c in chunks]
+        remote = [(c[0], c[1]) for c in entries if c is not None]
         total = sum(n for _, n in remote)
         if total > self.max_read_bytes:
             raise PeerError(f"peer {self.address} offered {total} bytes, more than one read "
@@ -263,34 +264,40 @@ class PeerClient:
             ok = False
         if not ok:
             self._release(lease_id)
-            return [None] * len(chunks)
+            return [None] * len(entries)
         buffer = self.pool.lend(block, descs)
         out: list[memoryview | None] = []
         view, offset = buffer.data, 0
-        for chunk in chunks:
-            if chunk is None:
+        for key, entry in zip(keys, entries):
+            if entry is None:
                 out.append(None)
                 continue
-            part = view[offset : offset + chunk[1]]
-            offset += chunk[1]
-            if xxhash.xxh3_64_intdigest(part) != chunk[2]:
-                self.corrupt += 1
-                log.warning("kvcore nixl: a chunk read from %s does not match its checksum; "
-                            "treated as a miss", self.address)
-                out.append(None)
-            else:
+            part = view[offset : offset + entry[1]]
+            offset += entry[1]
+            if chunk_format.matches(key, entry[2], part):
                 out.append(part)
+                continue
+            self.corrupt += 1
+            log.warning("kvcore nixl: a chunk read from %s does not match its frame (key, "
+                        "length, checksum); treated as a miss", self.address)
+            out.append(None)
         return out
 
-    def _checked(self, chunk: Any) -> tuple[int, int, int]:
-        """One lease entry, ``[address, length, xxh3]``: three non-negative ints, the length
-        at least 1 and within :attr:`max_read_bytes`; anything else is a malformed answer."""
-        if (not isinstance(chunk, list) or len(chunk) != 3
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                           for x in chunk)
-                or not 0 < chunk[1] <= self.max_read_bytes or chunk[2] >= 1 << 64):
+    def _checked(self, chunk: Any) -> tuple[int, int, bytes]:
+        """One lease entry, ``[address, length, frame header as hex]``: a non-negative address,
+        a length of at least 1 within :attr:`max_read_bytes`, a header of
+        :data:`~kvcore.chunk_format.HEADER_BYTES`; anything else is a malformed answer."""
+        try:
+            address, length, header_hex = chunk
+            header = bytes.fromhex(header_hex)
+            valid = (type(address) is int and type(length) is int and address >= 0
+                     and 0 < length <= self.max_read_bytes
+                     and len(header) == chunk_format.HEADER_BYTES)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
             raise PeerError(f"peer {self.address}: malformed lease entry {str(chunk)[:80]}")
-        return chunk[0], chunk[1], chunk[2]
+        return address, length, header
 
     def _wait(self, handle: Any, state: str, deadline: float) -> bool:
         """Poll the transfer until it ends. Each poll also drives NIXL's progress (there is no

@@ -6,9 +6,10 @@ A peer talks to the server over a small TCP side channel (:mod:`kvcore_nixl.wire
 - ``contains`` (keys) -> which keys the CPU tier holds or is storing right now;
 - ``lease`` (keys) -> the server waits (briefly) for stores of those keys still running, then
   acquires the chunks it holds (so they are neither evicted nor
-  freed), registers their memory with NIXL and answers ``(address, length, XXH3-64)`` per chunk
-  plus the partial NIXL metadata of that registration; the peer then READs the bytes itself and
-  checks each chunk's length and checksum (a chunk that does not match is a miss);
+  freed), registers their memory with NIXL and answers ``(address, length, frame header)`` per
+  chunk plus the partial NIXL metadata of that registration; the peer then READs the bytes itself
+  and verifies each chunk against its header (:mod:`kvcore.chunk_format`: key, length, XXH3-64
+  checksum) like a value from any other lower tier (a chunk that does not verify is a miss);
 - ``release`` (lease id) -> ends a lease early (the peer's transfer failed);
 - ``stats`` -> live leases, registrations, chunks held and being stored (tests, operators).
 
@@ -39,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
+from kvcore import chunk_format
 from kvcore.interfaces import MemoryTier
 from kvcore.keys import ChunkKey
 from kvcore.pending import PendingStores
@@ -74,10 +75,10 @@ class Limits:
     allow_unauthenticated: bool = False
 
 
-def payload_digest(view: memoryview) -> int:
-    """XXH3-64 of a chunk's payload, sent with its lease so the reader can verify the bytes it
-    READs (a torn or corrupted transfer, a region reused under it)."""
-    return xxhash.xxh3_64_intdigest(view)
+def frame_header(key: ChunkKey, view: memoryview) -> bytes:
+    """The :mod:`kvcore.chunk_format` header of a held chunk (key, length, checksum), sent with
+    its lease so the reader verifies the bytes it READs as it would a framed value."""
+    return bytes(chunk_format.encode(key, view)[0])
 
 
 class Malformed(ValueError):
@@ -245,15 +246,15 @@ class ChunkServer:
         held = [v for v in views if v is not None]
         if not held:
             return {"lease": 0, "chunks": [None] * len(keys)}, b""
-        chunks: list[list[int] | None] = []
+        chunks: list[list[int | str] | None] = []
         regions = []
-        for view in views:
+        for key, view in zip(keys, views):
             if view is None:
                 chunks.append(None)
                 continue
             region = (address_of(np.frombuffer(view, dtype=np.uint8)), view.nbytes)
             regions.append(region)
-            chunks.append([*region, payload_digest(view)])
+            chunks.append([*region, frame_header(key, view).hex()])
         try:
             descs = self.agent.register(regions)
         except Exception:

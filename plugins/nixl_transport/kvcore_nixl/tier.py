@@ -30,8 +30,9 @@ class NixlPeerTier(Tier):
 
     name = "nixl_peer"
     framed = False
-    """Values are raw payloads from a peer's memory tier: the engine does not unframe them, the
-    client verifies each chunk's length and XXH3-64 checksum sent with its lease instead."""
+    """Values are raw payloads from a peer's memory tier: the engine does not unframe them; the
+    client has verified each one against the frame header sent with its lease
+    (:func:`kvcore.chunk_format.matches`: key, length, checksum)."""
 
     def __init__(
         self, settings: NixlSettings, memory: MemoryTier | None = None, agent: Agent | None = None,

@@ -321,32 +321,37 @@ def test_frames_of_the_protocol_stay_json(served) -> None:
     json.dumps({})  # (json is what wire uses)
 
 
-def test_bytes_that_do_not_match_their_checksum_are_misses(served, agents, monkeypatch,
-                                                           figure) -> None:
-    """The lease sends each chunk's XXH3-64; a chunk whose READ bytes differ (here: the server
-    announces a wrong checksum for every second chunk) is a miss, the others load intact."""
+def test_bytes_that_do_not_match_their_frame_are_misses(served, agents, monkeypatch,
+                                                       figure) -> None:
+    """The lease sends each chunk's frame header (key, length, XXH3-64); a chunk whose READ
+    bytes do not verify against it is a miss, the others load intact. Here the server frames
+    every second chunk as another key's, and the third with a wrong length."""
     import kvcore_nixl.server as server_module
 
     server, keys = served
-    real = server_module.payload_digest
+    real = server_module.frame_header
     calls = [0]
 
-    def lying(view):  # type: ignore[no-untyped-def]
+    def lying(key, view):  # type: ignore[no-untyped-def]
         calls[0] += 1
-        return real(view) ^ (calls[0] % 2)  # every other one off by a bit
+        if calls[0] % 2:
+            return real(keys[-1], view)  # a foreign chunk: framed under another key
+        if calls[0] == 4:
+            return real(key, view[:-1])  # announced one byte short
+        return real(key, view)
 
-    monkeypatch.setattr(server_module, "payload_digest", lying)
+    monkeypatch.setattr(server_module, "frame_header", lying)
     client = PeerClient(server.address, agents[1], timeout_s=5.0, secret=SECRET)
     try:
-        values = client.read(keys[:4])
+        values = client.read(keys[:6])
         corrupt = client.corrupt
     finally:
         client.close()
-    figure(f"4 chunks read, 2 announced with a wrong checksum: {corrupt} refused, "
-          f"{sum(v is not None for v in values)} loaded")
-    assert [v is None for v in values] == [True, False, True, False]
-    assert all(_valid(k, v) for k, v in zip(keys[1::2], values[1:4:2]))
-    assert corrupt == 2
+    figure(f"6 chunks read, 3 framed as another key's and 1 with a wrong length: {corrupt} "
+          f"refused, {sum(v is not None for v in values)} loaded intact")
+    assert [v is None for v in values] == [True, False, True, True, True, False]
+    assert all(_valid(k, v) for k, v in zip(keys[:6], values) if v is not None)
+    assert corrupt == 4
     wait_until = time.monotonic() + 5.0
     while server.active_leases() and time.monotonic() < wait_until:
         time.sleep(0.01)
@@ -354,20 +359,22 @@ def test_bytes_that_do_not_match_their_checksum_are_misses(served, agents, monke
 
 
 @pytest.mark.parametrize("entry", [
-    [0, 1 << 40, 0],  # a terabyte: refused before any buffer is taken
-    [0, 0, 0],  # empty
-    ["0", 16, 0],  # not an int
-    [0, 16],  # no checksum
-    [-1, 16, 0],
+    [0, 1 << 40, "00" * 56],  # a terabyte: refused before any buffer is taken
+    [0, 0, "00" * 56],  # empty
+    ["0", 16, "00" * 56],  # not an int
+    [0, 16],  # no frame header
+    [0, 16, "00" * 8],  # a header of the wrong size
+    [0, 16, "zz" * 56],  # not hex
+    [-1, 16, "00" * 56],
 ])
 def test_a_lease_answer_out_of_bounds_is_a_miss_without_allocating(agents, entry) -> None:
     """A peer's answer is checked before the client takes a receive buffer of its size."""
     client = PeerClient("127.0.0.1:1", agents[1], timeout_s=1.0, max_read_bytes=1 << 30)
     taken: list[int] = []
-    client.pool.take = lambda n: taken.append(n)  # type: ignore[assignment,method-assign,misc,return-value]
+    client.pool.take = lambda n: taken.append(n)  # type: ignore
     try:
         with pytest.raises(PeerError, match="malformed lease entry|more than one read"):
-            client._read_leased(1, [entry], b"", time.monotonic() + 1)
+            client._read_leased(1, [b"k" * 24], [entry], b"", time.monotonic() + 1)
     finally:
         client.close()
     assert taken == []
