@@ -27,11 +27,6 @@ def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def kvcore_register_transports(register: Callable[..., None]) -> None:
-    """Register transports: ``register(name, factory)``, factory(Settings) -> Transport."""
-
-
-@hookspec
 def kvcore_register_connectors(register: Callable[..., None]) -> None:
     """Register engine connectors: ``register(ConnectorInfo(...))``."""
 

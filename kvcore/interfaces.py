@@ -1,5 +1,5 @@
 """The small interfaces that plugins implement: the memory tier, storage tiers, eviction
-policies, transports.
+policies.
 
 Each is registered by name through a hook in :mod:`kvcore.hookspecs`. ``docs/plugins.md``
 walks through writing one; :mod:`kvcore.testing` holds the contract tests every implementation
@@ -203,35 +203,6 @@ class EvictionPolicy(ABC):
 
     def __len__(self) -> int:
         return 0
-
-
-class Transport(ABC):
-    """Moves chunk payloads between kvcore instances (for example over NIXL).
-
-    An instance publishes :meth:`address`; a peer that knows it can :meth:`fetch` chunks held in
-    the instance's CPU tier, or the instance can :meth:`send` chunks to a peer.
-    """
-
-    name: str = "transport"
-
-    @abstractmethod
-    def address(self) -> str:
-        """How peers reach this instance (opaque string)."""
-
-    @abstractmethod
-    def fetch(
-        self, peer: str, keys: Sequence[ChunkKey], timeout_s: float
-    ) -> list[Buffer | None]:
-        """Read chunks from a peer; ``None`` for each chunk it does not have or on failure."""
-
-    @abstractmethod
-    def send(
-        self, peer: str, items: Sequence[tuple[ChunkKey, Buffer]], timeout_s: float
-    ) -> list[bool]:
-        """Push chunks into a peer's CPU tier; True where the peer stored it."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Release registrations and connections."""
 
 
 @dataclass

@@ -84,7 +84,6 @@ REGISTRATIONS: dict[str, Callable[..., tuple[str, Any]]] = {
     "commands": _factory("commands"),
     "tiers": _factory("tiers"),
     "eviction_policies": _factory("eviction_policies"),
-    "transports": _factory("transports"),
     "connectors": _connector,
     "settings": _settings_class,
     "benchmarks": _benchmark,
@@ -127,7 +126,6 @@ class PluginRegistry:
         self.plugins: list[PluginInfo] = []
         self.tiers: dict[str, Callable[..., Any]] = {}
         self.eviction_policies: dict[str, Callable[..., Any]] = {}
-        self.transports: dict[str, Callable[..., Any]] = {}
         self.connectors: dict[str, ConnectorInfo] = {}
         self.settings: dict[str, type] = {}
         self.benchmarks: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
@@ -149,8 +147,25 @@ class PluginRegistry:
                 continue
             info = PluginInfo(ep.name, ep.value, dist, _distribution_version(dist), False)
             self._load_module(info, ep.load)
-        self.manager.check_pending()
+        self._drop_unknown_hooks()
         return self
+
+    def _drop_unknown_hooks(self) -> None:
+        """A plugin implementing a hook kvcore does not define (a typo, a hook from another
+        kvcore version) is recorded as failed and skipped, like one whose hook raises."""
+        for _ in range(len(self.plugins) + 1):
+            try:
+                self.manager.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.manager.get_name(exc.plugin)
+                info = next((p for p in self.plugins if p.name == name), None)
+                log.warning("kvcore plugin %s skipped: %s", name, exc)
+                if info is None:
+                    self.manager.unregister(exc.plugin)
+                    continue
+                info.error = f"PluginValidationError: {exc}"
+                self._roll_back(info, exc.plugin)
 
     def register_module(self, module: Any, name: str | None = None) -> PluginInfo:
         """Register an already-imported plugin module or object (tests, embedding)."""
@@ -227,9 +242,6 @@ class PluginRegistry:
 
     def policy_factory(self, name: str) -> Callable[..., Any]:
         return _lookup(self.eviction_policies, name, "eviction policy", "KVCORE_EVICTION", self)
-
-    def transport_factory(self, name: str) -> Callable[..., Any]:
-        return _lookup(self.transports, name, "transport", "KVCORE_TRANSPORT", self)
 
     def failed(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error]

@@ -197,3 +197,29 @@ def test_the_cli_commands_come_through_the_command_hook() -> None:
     subcommands = next(p for p in registry.plugins if p.module == "kvcore.cli.subcommands")
     assert subcommands.registers["commands"] == [
         "plugins", "config", "bench", "trace", "controller", "doctor"]
+
+
+def test_a_plugin_with_an_unknown_hook_is_skipped_not_fatal() -> None:
+    """A hook kvcore does not define (a typo, another kvcore version) fails only that plugin."""
+    import types
+
+    from kvcore.hookspecs import hookimpl
+
+    plugin = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
+        register("typo_tier", lambda context: None)
+
+    @hookimpl
+    def kvcore_register_teirs(register):  # type: ignore[no-untyped-def]
+        pass
+
+    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
+    plugin.kvcore_register_teirs = kvcore_register_teirs  # type: ignore[attr-defined]
+    registry = PluginRegistry()
+    registry.register_module(plugin, "typo")
+    registry.load(allow=[])  # validates every registered plugin's hooks
+    info = next(p for p in registry.plugins if p.name == "typo")
+    assert info.error and "kvcore_register_teirs" in info.error
+    assert "typo_tier" not in registry.tiers and "cpu" in registry.tiers

@@ -15,13 +15,6 @@ def kvcore_register_tiers(register: Callable[..., None]) -> None:
 
 
 @hookimpl
-def kvcore_register_transports(register: Callable[..., None]) -> None:
-    from kvcore_nixl.transport import make_transport
-
-    register("nixl", make_transport)
-
-
-@hookimpl
 def kvcore_register_settings(register: Callable[..., None]) -> None:
     from kvcore_nixl.settings import NixlSettings
 

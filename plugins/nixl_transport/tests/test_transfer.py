@@ -16,7 +16,6 @@ from conftest import HERE, Peer, closed_address
 from kvcore_nixl.agent import Agent
 from kvcore_nixl.client import PeerClient
 from kvcore_nixl.peer import chunk_payload, peer_keys
-from kvcore_nixl.transport import NixlTransport
 
 NIXL = pytest.importorskip("nixl_cu12", reason="pip install --no-deps nixl-cu12==1.5.1")
 CHUNK = 262144
@@ -111,18 +110,6 @@ def test_unreachable_peer_gives_misses(agent: Agent) -> None:
     keys = peer_keys(2)
     assert client.read(keys) == [None, None]
     client.close()
-
-
-def test_transport_fetch(peer: Peer) -> None:
-    transport = NixlTransport()
-    try:
-        keys = peer_keys(3)
-        values = transport.fetch(peer.address, keys, timeout_s=5.0)
-        assert [bytes(v) for v in values] == [chunk_payload(k, CHUNK).tobytes() for k in keys]
-        assert transport.send(peer.address, [(keys[0], b"x")], 1.0) == [False]
-        assert transport.address() == ""
-    finally:
-        transport.close()
 
 
 def _cpu_seconds(pid: int) -> float:
