@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
-from kvcore.plugins import PluginRegistry, get_registry
+from kvcore.plugins import ENTRY_POINT_GROUP, PluginRegistry, get_registry
 from kvcore.tier_stack import LowerTier, TierStack
 
 __all__ = ["BufferSource", "CacheEngine", "ChunkLease", "ChunkSource", "LookupResult",
@@ -96,8 +97,13 @@ _warned_variables: set[str] = set()
 
 def _warn_unknown_variables(registry: PluginRegistry) -> None:
     """One warning per process and variable for a ``KVCORE_*`` variable nothing declares (a
-    typo would silently keep the default; ``kvcore config`` rejects it)."""
+    typo would silently keep the default; ``kvcore config`` rejects it). Variables of installed
+    plugins that ``KVCORE_PLUGINS`` leaves out (``KVCORE_<NAME>_*``) are not warned about."""
+    skipped = tuple(f"KVCORE_{ep.name.upper()}_"
+                    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
     for variable, closest in unknown_variables([Settings, *registry.settings.values()]):
+        if variable.startswith(skipped):
+            continue
         if variable not in _warned_variables:
             _warned_variables.add(variable)
             log.warning("kvcore: %s is not a kvcore setting%s; ignored", variable,
@@ -280,12 +286,17 @@ class CacheEngine:
         views = self.memory.acquire(keys)
         if self.lower and any(v is None for v in views):
             first_gap = next(i for i, v in enumerate(views) if v is None)
-            self.pipeline.wait_inflight(keys[first_gap:],
-                                        timeout_s or self.settings.tier_timeout_s)
             self.memory.release(views[first_gap:])
-            parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
-            self.stack.promote(keys[first_gap:], parents)
-            views[first_gap:] = self.memory.acquire(keys[first_gap:])
+            views[first_gap:] = [None] * (len(keys) - first_gap)
+            try:
+                self.pipeline.wait_inflight(keys[first_gap:],
+                                            timeout_s or self.settings.tier_timeout_s)
+                parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
+                self.stack.promote(keys[first_gap:], parents)
+                views[first_gap:] = self.memory.acquire(keys[first_gap:])
+            except BaseException:
+                self.memory.release(views)  # no hold outlives a failed acquire
+                raise
         n = 0
         while n < len(views) and views[n] is not None:
             n += 1

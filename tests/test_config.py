@@ -136,14 +136,19 @@ def test_unknown_variables_are_named_with_the_closest_known_one() -> None:
 
 
 def test_copy_settings_are_validated_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvcore.copy.settings import copy_settings
+    from kvcore.copy.settings import CopySettings, copy_settings
     from kvcore.plugins import PluginRegistry
 
     monkeypatch.setenv("KVCORE_COPY_CUDA_MODE", "staged")
     assert copy_settings().copy_cuda_mode == "staged"
+    monkeypatch.setenv("KVCORE_COPY_CUDA_MODE", "STAGED")  # the old code lower-cased too
+    assert copy_settings().copy_cuda_mode == "staged"
     monkeypatch.setenv("KVCORE_COPY_CUDA_MODE", "sideways")
+    # On the copy path a bad value is logged once and the defaults apply (a copy never fails
+    # for a setting); `kvcore config` and `kvcore doctor` reject it.
+    assert copy_settings().copy_cuda_mode == "direct"
     with pytest.raises(ConfigError, match="KVCORE_COPY_CUDA_MODE='sideways'"):
-        copy_settings()
+        load_settings(CopySettings)
     monkeypatch.delenv("KVCORE_COPY_CUDA_MODE")
     assert copy_settings().copy_cuda_mode == "direct"
     assert "CopySettings" in PluginRegistry().load(allow=[]).settings

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -353,3 +354,24 @@ def test_lowered_priority_does_not_compound() -> None:
     thread.start()
     thread.join()
     assert seen == [min(19, base + 5), min(19, base + 5)]
+
+
+def test_a_failed_promotion_leaves_no_chunk_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If reading a lower tier raises inside acquire, the chunks it already held from memory
+    are released (they stay evictable) and the error reaches the caller once."""
+    from kvcore.eviction.lru import LRUPolicy
+    from kvcore.tiers.cpu import CpuTier
+
+    memory, lower = CpuTier(1 << 20, LRUPolicy()), CpuTier(1 << 20, LRUPolicy())
+    with CacheEngine(load_settings(chunk_size=CHUNK), tiers=[memory, lower]) as engine:
+        keys = chunk_keys(Namespace("held"), range(2 * CHUNK), CHUNK)
+        memory.put_one(keys[0], [b"a" * 64])
+        lower.put_one(keys[1], [b"b" * 64])
+
+        def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise MemoryError("no pinned memory left")
+
+        monkeypatch.setattr(engine.stack, "promote", broken)
+        with pytest.raises(MemoryError):
+            engine.acquire(keys)
+        assert memory.delete([keys[0]]) == 1  # not held any more

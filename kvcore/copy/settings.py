@@ -1,13 +1,15 @@
 """Settings of the batched copy kernels (``KVCORE_COPY_*``, ``KVCORE_NATIVE_DIR``).
 
-The native CPU library also reads ``KVCORE_COPY_THREADS`` and ``KVCORE_COPY_STREAMING`` itself
-(it starts before any Python code asks); declaring them here validates them, lists them in
-``kvcore config`` and the reference, and lets ``kvcore doctor`` reject a bad value.
+``KVCORE_COPY_THREADS`` and ``KVCORE_COPY_STREAMING`` are read by the native CPU library itself,
+from the environment only (it starts before any Python code asks); declaring them here lists
+them in ``kvcore config`` and the reference and lets ``kvcore config``/``doctor`` reject a bad
+value. On the copy path a bad value never fails a copy: it is logged once and the defaults apply.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -15,14 +17,16 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from kvcore.config import PluginSettings, load_settings
+from kvcore.config import ConfigError, PluginSettings, load_settings
+
+log = logging.getLogger("kvcore.copy")
 
 
 class CopySettings(PluginSettings):
     """How kvcore copies KV between an engine's paged blocks and chunk buffers."""
 
     model_config = SettingsConfigDict(env_prefix="KVCORE_", extra="ignore", frozen=True)
-    file_section = "copy"
+    # top-level keys of the config file (copy_backend: ...), like the variables
 
     copy_backend: Literal["auto", "native", "fallback", "torch", "numpy"] = Field(
         "auto", description="auto: the native kernels when they load, else the torch fallback; "
@@ -33,14 +37,22 @@ class CopySettings(PluginSettings):
         "(through a device buffer).",
     )
     copy_threads: int = Field(
-        0, ge=0, le=1024, description="Threads of the native CPU copy (0: min(cores, 4)).",
+        0, ge=0, le=4096, description="Threads of the native CPU copy (0: min(cores, 4)); "
+        "read from the environment by the native library.",
     )
     copy_streaming: bool = Field(
-        True, description="Non-temporal stores in the native CPU copy for large chunks.",
+        True, description="Non-temporal stores in the native CPU copy for large chunks; read "
+        "from the environment by the native library, where a value starting with 0 turns them "
+        "off (use 0 or 1).",
     )
     native_dir: Path | None = Field(
         None, description="Directory of the native libraries (default: kvcore/_native).",
     )
+
+    @field_validator("copy_backend", "copy_cuda_mode", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("native_dir")
     @classmethod
@@ -61,4 +73,8 @@ def copy_settings() -> CopySettings:
 
 @functools.lru_cache(maxsize=8)
 def _load(_environment: tuple[str | None, ...]) -> CopySettings:
-    return load_settings(CopySettings)
+    try:
+        return load_settings(CopySettings)
+    except ConfigError as exc:  # a copy never fails for a setting: defaults, one warning
+        log.warning("kvcore copy: %s; using the defaults (kvcore doctor checks them)", exc)
+        return CopySettings.model_construct()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvcore import chunk_format
+from kvcore.failures import FailureLog
 from kvcore.keys import ChunkKey
 from kvcore_nixl import auth, wire
 from kvcore_nixl.agent import Agent, address_of
@@ -117,8 +118,8 @@ class PeerClient:
         self.max_read_bytes = max_read_bytes
         """Largest total one read may allocate (a peer's lease answer is bounded before any
         buffer is taken)."""
-        self.corrupt = 0
-        """Chunks whose bytes did not match the checksum the peer sent (misses)."""
+        self.failures = FailureLog(log, "treated as a miss", prefix="kvcore nixl: ")
+        """Chunks read from this peer that did not verify (counted, each kind logged once)."""
 
     # -- side channel --------------------------------------------------------------------------
 
@@ -277,9 +278,8 @@ class PeerClient:
             if chunk_format.matches(key, entry[2], part):
                 out.append(part)
                 continue
-            self.corrupt += 1
-            log.warning("kvcore nixl: a chunk read from %s does not match its frame (key, "
-                        "length, checksum); treated as a miss", self.address)
+            self.failures.record(f"verifying a chunk from {self.address}",
+                                 "it does not match its frame (key, length, checksum)")
             out.append(None)
         return out
 
@@ -349,6 +349,11 @@ class PeerClient:
             self.request({"op": "release", "lease": lease_id})
         except PeerError:
             pass  # the server ends the lease on its own after lease_timeout_s
+
+    @property
+    def corrupt(self) -> int:
+        """Chunks read from this peer that did not verify against their frame (misses)."""
+        return self.failures.count
 
     def close(self) -> None:
         """Deregister everything this client registered (buffers still lent out follow later)."""

@@ -248,14 +248,14 @@ class ChunkServer:
             return {"lease": 0, "chunks": [None] * len(keys)}, b""
         chunks: list[list[int | str] | None] = []
         regions = []
-        for key, view in zip(keys, views):
-            if view is None:
-                chunks.append(None)
-                continue
-            region = (address_of(np.frombuffer(view, dtype=np.uint8)), view.nbytes)
-            regions.append(region)
-            chunks.append([*region, frame_header(key, view).hex()])
         try:
+            for key, view in zip(keys, views):
+                if view is None:
+                    chunks.append(None)
+                    continue
+                region = (address_of(np.frombuffer(view, dtype=np.uint8)), view.nbytes)
+                regions.append(region)
+                chunks.append([*region, frame_header(key, view).hex()])
             descs = self.agent.register(regions)
         except Exception:
             self._unshare(peer, nbytes)
