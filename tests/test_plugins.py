@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from kvcore.hookspecs import hookimpl
 from kvcore.plugins import PluginRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +37,14 @@ def run_kvcore(site: Path, *args: str, **env: str) -> subprocess.CompletedProces
     environment = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), **env}
     return subprocess.run([sys.executable, "-m", "kvcore.cli.main", *args],
                           capture_output=True, text=True, env=environment, timeout=120)
+
+
+def _plugin(name: str, **hooks: Callable[..., None]) -> types.ModuleType:
+    """An in-memory plugin module whose ``kvcore_register_<kind>`` functions are ``hooks``."""
+    module = types.ModuleType(name)
+    for hook, function in hooks.items():
+        setattr(module, hook, hookimpl(function))
+    return module
 
 
 def test_third_party_tier_discovered_and_broken_plugins_reported(plugin_site: Path) -> None:
@@ -120,22 +131,13 @@ def test_registry_in_process_registers_module() -> None:
 def test_a_plugin_whose_hook_raises_is_rolled_back_whole() -> None:
     """Its tier registered before the policy hook raised: neither stays, and the plugin is
     unregistered (docs/plugins.md: a plugin that fails is skipped)."""
-    import types
-
-    from kvcore.hookspecs import hookimpl
-
-    plugin = types.ModuleType("half_plugin")
-
-    @hookimpl
-    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
-        register("half_tier", lambda context: None)
-
-    @hookimpl
-    def kvcore_register_eviction_policies(register):  # type: ignore[no-untyped-def]
+    def broken(register):  # type: ignore[no-untyped-def]
         raise RuntimeError("broken on purpose")
 
-    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
-    plugin.kvcore_register_eviction_policies = kvcore_register_eviction_policies  # type: ignore
+    plugin = _plugin(
+        "half_plugin",
+        kvcore_register_tiers=lambda register: register("half_tier", lambda context: None),
+        kvcore_register_eviction_policies=broken)
     registry = PluginRegistry().load(allow=[])
     info = registry.register_module(plugin, "half")
     assert info.error and "kvcore_register_eviction_policies" in info.error
@@ -151,33 +153,13 @@ def test_a_plugin_whose_hook_raises_is_rolled_back_whole() -> None:
     (lambda register: register("", print), "non-empty string"),
 ])
 def test_registrations_are_checked_by_kind(call, message) -> None:  # type: ignore[no-untyped-def]
-    import types
-
-    from kvcore.hookspecs import hookimpl
-
-    plugin = types.ModuleType("typed_plugin")
-
-    @hookimpl
-    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
-        call(register)
-
-    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
+    plugin = _plugin("typed_plugin", kvcore_register_tiers=call)
     info = PluginRegistry().load(allow=[]).register_module(plugin, "typed")
     assert info.error and message in info.error and "kvcore_register_tiers" in info.error
 
 
 def test_settings_and_connectors_must_be_their_types() -> None:
-    import types
-
-    from kvcore.hookspecs import hookimpl
-
-    plugin = types.ModuleType("wrong_types")
-
-    @hookimpl
-    def kvcore_register_settings(register):  # type: ignore[no-untyped-def]
-        register(dict)
-
-    plugin.kvcore_register_settings = kvcore_register_settings  # type: ignore[attr-defined]
+    plugin = _plugin("wrong_types", kvcore_register_settings=lambda register: register(dict))
     info = PluginRegistry().load(allow=[]).register_module(plugin, "wrong")
     assert info.error and "PluginSettings subclass" in info.error
 
@@ -201,22 +183,10 @@ def test_the_cli_commands_come_through_the_command_hook() -> None:
 
 def test_a_plugin_with_an_unknown_hook_is_skipped_not_fatal() -> None:
     """A hook kvcore does not define (a typo, another kvcore version) fails only that plugin."""
-    import types
-
-    from kvcore.hookspecs import hookimpl
-
-    plugin = types.ModuleType("typo_plugin")
-
-    @hookimpl
-    def kvcore_register_tiers(register):  # type: ignore[no-untyped-def]
-        register("typo_tier", lambda context: None)
-
-    @hookimpl
-    def kvcore_register_teirs(register):  # type: ignore[no-untyped-def]
-        pass
-
-    plugin.kvcore_register_tiers = kvcore_register_tiers  # type: ignore[attr-defined]
-    plugin.kvcore_register_teirs = kvcore_register_teirs  # type: ignore[attr-defined]
+    plugin = _plugin(
+        "typo_plugin",
+        kvcore_register_tiers=lambda register: register("typo_tier", lambda context: None),
+        kvcore_register_teirs=lambda register: None)
     registry = PluginRegistry()
     registry.register_module(plugin, "typo")
     registry.load(allow=[])  # validates every registered plugin's hooks
