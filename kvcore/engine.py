@@ -21,6 +21,7 @@ thin facade over two parts:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -95,12 +96,18 @@ class ChunkLease:
 _warned_variables: set[str] = set()
 
 
+@functools.cache
+def _installed_plugin_prefixes() -> tuple[str, ...]:
+    """``KVCORE_<NAME>_`` of every installed plugin (read once: a scan of the entry points)."""
+    return tuple(f"KVCORE_{ep.name.upper()}_"
+                 for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 def _warn_unknown_variables(registry: PluginRegistry) -> None:
     """One warning per process and variable for a ``KVCORE_*`` variable nothing declares (a
     typo would silently keep the default; ``kvcore config`` rejects it). Variables of installed
     plugins that ``KVCORE_PLUGINS`` leaves out (``KVCORE_<NAME>_*``) are not warned about."""
-    skipped = tuple(f"KVCORE_{ep.name.upper()}_"
-                    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+    skipped = _installed_plugin_prefixes()
     for variable, closest in unknown_variables([Settings, *registry.settings.values()]):
         if variable.startswith(skipped):
             continue
