@@ -8,7 +8,9 @@ thin facade over two parts:
 - :class:`~kvcore.tier_stack.TierStack` (synchronous): where each chunk is, promotion into
   memory, delete, pin, clear, usage; every lower-tier call bounded and verified;
 - :class:`~kvcore.pipeline.Pipeline` (asynchronous): the store queue and its thread, one
-  write-behind worker per lower tier, prefetches in flight, flush and close.
+  write-behind worker per lower tier, prefetches in flight, flush and close;
+- :class:`~kvcore.attachments.Attachments`: what plugins run beside the engine (the controller
+  reporter, a peer server), started after the tiers and closed before them.
 
 - **lookup** counts the leading run of chunks held by any tier (no data moves) and starts a
   prefetch of those found only below memory, so the load that follows finds them there;
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kvcore import logs
+from kvcore.attachments import Attachments
 from kvcore.config import ConfigError, Settings, load_settings, unknown_variables
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys
@@ -128,13 +131,12 @@ class CacheEngine:
         settings: Settings | None = None,
         registry: PluginRegistry | None = None,
         tiers: Sequence[Tier] | None = None,
-        serve_memory: bool = True,
+        attachments: bool = True,
     ) -> None:
-        """``serve_memory=False``: lower tiers must not offer this instance's memory tier to
-        peers (a lookup-only instance, such as vLLM's scheduler when its worker runs
-        elsewhere)."""
+        """``attachments=False``: start none of the plugins' attachments (no controller
+        reporter, no peer server), for a lookup-only instance such as vLLM's scheduler when its
+        worker, which holds the KV, runs in another process."""
         self.settings = settings or load_settings()
-        self._serve_memory = serve_memory
         self.pending = PendingStores()
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logs.configure(self.settings.log_level)
@@ -157,6 +159,14 @@ class CacheEngine:
         """The memory tier: every load is served from it, every store lands in it first."""
         self.stack = TierStack(first, [self._lower(t) for t in built[1:]], self.metrics)
         self.pipeline = Pipeline(self.stack, self.settings, self.metrics, self.pending)
+        self.attachments = Attachments()
+        """What runs beside this engine, by name (``engine.attachments["controller"]``)."""
+        if attachments:
+            try:
+                self.attachments.start(self, self.registry.attachments)
+            except BaseException:
+                self.close()
+                raise
         log.info("kvcore engine: tiers %s, chunk %d tokens, CPU budget %d bytes, policy %s",
                  ",".join(t.name for t in self.tiers), self.chunk_size, self.memory.budget,
                  self.settings.eviction)
@@ -175,8 +185,7 @@ class CacheEngine:
                 factory = self.registry.tier_factory(name)
                 memory = tiers[0] if tiers and isinstance(tiers[0], MemoryTier) else None
                 context = TierContext(name, self.settings, policy_factory, self._notify,
-                                      memory=memory, serve_memory=self._serve_memory,
-                                      pending=self.pending if memory is not None else None)
+                                      memory=memory)
                 tier = factory(context)
                 tier.name = name
                 tiers.append(tier)
@@ -347,9 +356,10 @@ class CacheEngine:
         return self.pipeline.closed
 
     def close(self) -> None:
-        """Finish queued work briefly, stop threads, close tiers."""
+        """Close the attachments, finish queued work briefly, stop threads, close tiers."""
         if self.pipeline.closed:
             return
+        self.attachments.close()
         self.pipeline.close()
         self.stack.close()
 

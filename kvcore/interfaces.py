@@ -1,5 +1,5 @@
 """The small interfaces that plugins implement: the memory tier, storage tiers, eviction
-policies.
+policies, and attachments that run beside an engine.
 
 Each is registered by name through a hook in :mod:`kvcore.hookspecs`. ``docs/plugins.md``
 walks through writing one; :mod:`kvcore.testing` holds the contract tests every implementation
@@ -19,7 +19,7 @@ from kvcore.keys import ChunkKey
 
 if TYPE_CHECKING:
     from kvcore.config import Settings
-    from kvcore.pending import PendingStores
+    from kvcore.engine import CacheEngine
 
 Buffer = bytes | bytearray | memoryview
 """Anything exposing the buffer protocol as bytes."""
@@ -37,7 +37,7 @@ class TierUsage:
 @dataclass
 class TierContext:
     """What a tier factory gets: the core settings, the eviction policy to use, and (for tiers
-    below memory) the engine's memory tier and its stores in progress."""
+    below memory) the engine's memory tier."""
 
     name: str
     settings: Settings
@@ -45,13 +45,8 @@ class TierContext:
     notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Optional: tiers report ``notify(tier_name, "admit" | "evict", keys)`` for observers."""
     memory: MemoryTier | None = None
-    """The engine's memory tier (None while the memory tier itself is built): a lower tier may
-    serve it to peers (kvcore-nixl)."""
-    serve_memory: bool = True
-    """False in a lookup-only engine (vLLM's scheduler when its worker runs elsewhere): its
-    memory holds no KV, so no lower tier may offer it to peers."""
-    pending: PendingStores | None = None
-    """Keys the engine is storing right now (a peer server waits for them instead of missing)."""
+    """The engine's memory tier (None while the memory tier itself is built), for a lower tier
+    that sizes what it reads by the memory budget (kvcore-nixl)."""
 
 
 class Tier(ABC):
@@ -213,3 +208,24 @@ class ConnectorInfo:
     engine: str
     import_path: str
     description: str = ""
+
+
+class Attachment(ABC):
+    """Something that runs beside one engine: a reporter to the controller, a server that
+    offers the engine's memory tier to peers.
+
+    Its factory (``factory(engine) -> Attachment | None``, registered through
+    ``kvcore_register_attachments``) is called once the engine's tiers and store pipeline
+    exist; it starts what it needs and returns the running attachment, or ``None`` when its
+    settings leave it off. The engine closes its attachments, last started first, before its
+    tiers. A factory is called only in an engine built with ``attachments=True`` (not in a
+    lookup-only one, such as vLLM's scheduler when its worker runs elsewhere).
+    """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop: threads joined, sockets closed, within a second or two; idempotent."""
+
+
+AttachmentFactory = Callable[["CacheEngine"], "Attachment | None"]
+"""``factory(engine)``: start an attachment for ``engine``, or return ``None`` (off)."""

@@ -26,7 +26,7 @@ from typing import Any
 import pluggy
 
 from kvcore import hookspecs
-from kvcore.interfaces import ConnectorInfo
+from kvcore.interfaces import AttachmentFactory, ConnectorInfo
 
 log = logging.getLogger("kvcore.plugins")
 
@@ -84,6 +84,7 @@ REGISTRATIONS: dict[str, Callable[..., tuple[str, Any]]] = {
     "commands": _factory("commands"),
     "tiers": _factory("tiers"),
     "eviction_policies": _factory("eviction_policies"),
+    "attachments": _factory("attachments"),
     "connectors": _connector,
     "settings": _settings_class,
     "benchmarks": _benchmark,
@@ -126,6 +127,7 @@ class PluginRegistry:
         self.plugins: list[PluginInfo] = []
         self.tiers: dict[str, Callable[..., Any]] = {}
         self.eviction_policies: dict[str, Callable[..., Any]] = {}
+        self.attachments: dict[str, AttachmentFactory] = {}
         self.connectors: dict[str, ConnectorInfo] = {}
         self.settings: dict[str, type] = {}
         self.benchmarks: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}

@@ -42,20 +42,18 @@ CHILD = textwrap.dedent('''
     import kvcore_vllm.connector as connector
     from kvcore_vllm.runtime import flush_all
     from kvcore_vllm.testing import drain as _drain
-    from kvcore.control import attach
     from kvcore.control.client import ControllerClient
 
     spec = json.loads(open(sys.argv[1]).read())
     engines = []
     acquire = connector.acquire_engine
 
-    def acquire_and_attach(settings, **kwargs):
+    def acquire_and_record(settings, **kwargs):
         engine = acquire(settings, **kwargs)
-        attach(engine)  # a no-op returning the same reporter if the connector attached already
         engines.append(engine)
         return engine
 
-    connector.acquire_engine = acquire_and_attach
+    connector.acquire_engine = acquire_and_record
 
     if __name__ == "__main__":
         llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True,
@@ -86,7 +84,7 @@ CHILD = textwrap.dedent('''
             return check()
 
         engine = engines[0]
-        reporter = engine.control_reporter
+        reporter = engine.attachments["controller"]  # the engine reports by itself
         pinned, pressure = spec["pinned"], spec["pressure"]
         out["first"] = generate(pinned)
         namespace = next(engine.memory.iter_keys())[:8].hex()

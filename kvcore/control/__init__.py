@@ -1,7 +1,8 @@
 """Control plane: a controller (``kvcore controller``) that sees and steers every instance.
 
 - :func:`attach` hooks a :class:`~kvcore.engine.CacheEngine` to the controller named by
-  ``KVCORE_CONTROLLER_URL`` (a no-op when it is unset). Engine connectors call it.
+  ``KVCORE_CONTROLLER_URL`` (a no-op when it is unset). Every engine calls it as its
+  ``controller`` attachment (:mod:`kvcore.control.plugin`).
 - :class:`~kvcore.control.client.ControllerClient` is the API from Python.
 - :mod:`kvcore.control.server` is the FastAPI app (needs ``kvcore[controller]``); nothing else
   here imports FastAPI, so engine processes need no extra dependency.
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import atexit
-import threading
 from typing import TYPE_CHECKING, Any
 
 from kvcore.config import load_settings
@@ -21,31 +21,33 @@ if TYPE_CHECKING:
     from kvcore.engine import CacheEngine
 
 __all__ = ["ControllerSettings", "attach"]
-_lock = threading.Lock()
 
 
 def attach(engine: CacheEngine, settings: ControllerSettings | None = None,
            **overrides: Any) -> Reporter | None:
     """Report ``engine`` to the controller and run its commands, in background threads.
 
-    Returns the running :class:`~kvcore.control.reporter.Reporter` (close it before the engine),
-    or ``None`` when no controller URL is configured. Never blocks on the network and never
-    raises because the controller is away. Calling it again for the same engine (for example
-    from both the scheduler-side and the worker-side connector) returns the same reporter.
+    Every engine does this by itself when ``KVCORE_CONTROLLER_URL`` is set (the built-in
+    ``controller`` attachment); call it for an engine built with ``attachments=False`` or to
+    report with other settings. Returns the running
+    :class:`~kvcore.control.reporter.Reporter` (closed with the engine), or ``None`` when no
+    controller URL is configured. Never blocks on the network and never raises because the
+    controller is away. Calling it again for the same engine returns the same reporter.
     """
+    existing = engine.attachments.get("controller")
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    settings = settings or load_settings(ControllerSettings, **overrides)
+    if not settings.url:
+        return None
     from kvcore.control.reporter import Reporter
 
-    with _lock:
-        existing = getattr(engine, "control_reporter", None)
-        if existing is not None:
-            return existing
-        settings = settings or load_settings(ControllerSettings, **overrides)
-        if not settings.url:
-            return None
-        reporter = Reporter(engine, settings).start()
-        engine.control_reporter = reporter  # type: ignore[attr-defined]
-    atexit.register(reporter.close)
-    return reporter
+    reporter = Reporter(engine, settings)
+    running = engine.attachments.add("controller", reporter)
+    if running is reporter:
+        reporter.start()
+        atexit.register(reporter.close)
+    return running  # type: ignore[return-value]
 
 
 def __getattr__(name: str) -> Any:

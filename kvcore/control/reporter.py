@@ -30,6 +30,7 @@ from kvcore.control.client import ControllerUnavailable, HttpJson
 from kvcore.control.commands import run_command
 from kvcore.control.settings import ControllerSettings
 from kvcore.engine import CacheEngine
+from kvcore.interfaces import Attachment
 from kvcore.keys import ChunkKey
 
 log = logging.getLogger("kvcore.control")
@@ -56,7 +57,7 @@ def json_safe_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {**stats, "histograms": histograms}
 
 
-class Reporter:
+class Reporter(Attachment):
     """Reports one engine to the controller at ``settings.url``. Call :meth:`close` to stop."""
 
     def __init__(self, engine: CacheEngine, settings: ControllerSettings) -> None:

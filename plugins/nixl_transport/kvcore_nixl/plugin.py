@@ -15,6 +15,13 @@ def kvcore_register_tiers(register: Callable[..., None]) -> None:
 
 
 @hookimpl
+def kvcore_register_attachments(register: Callable[..., None]) -> None:
+    from kvcore_nixl.tier import serve_engine
+
+    register("nixl_server", serve_engine)
+
+
+@hookimpl
 def kvcore_register_settings(register: Callable[..., None]) -> None:
     from kvcore_nixl.settings import NixlSettings
 

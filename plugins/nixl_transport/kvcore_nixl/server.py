@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from kvcore import chunk_format
-from kvcore.interfaces import MemoryTier
+from kvcore.interfaces import Attachment, MemoryTier
 from kvcore.keys import ChunkKey
 from kvcore.pending import PendingStores
 from kvcore_nixl import auth, wire
@@ -118,8 +118,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ChunkServer:
-    """Serves ``memory``'s chunks to peers; :meth:`close` ends every lease."""
+class ChunkServer(Attachment):
+    """Serves ``memory``'s chunks to peers; :meth:`close` ends every lease. As an engine's
+    ``nixl_server`` attachment it starts and stops with the engine."""
 
     def __init__(
         self, memory: MemoryTier, agent: Agent, listen: str = "127.0.0.1:0",

@@ -3,15 +3,19 @@
 ``KVCORE_TIERS=cpu,nixl_peer`` with ``KVCORE_NIXL_PEERS=host:port,...``: ``contains`` asks the
 peers which chunks they hold (no data moves), ``get`` READs them over NIXL; the engine then
 promotes them into its own CPU tier. The tier stores nothing itself (``put`` refuses), so
-write-behind costs nothing. With ``KVCORE_NIXL_SERVE=1`` the same tier also serves this
-process's CPU tier to peers, which makes prefill/decode disaggregation and peer-to-peer reuse
-one mechanism: the prefill side serves, the decode side reads.
+write-behind costs nothing.
+
+Serving is the other half and is not a tier: with ``KVCORE_NIXL_SERVE=1`` the ``nixl_server``
+attachment (:func:`serve_engine`) offers the engine's memory tier to peers, whatever its
+``KVCORE_TIERS``. Prefill/decode disaggregation and peer-to-peer reuse are then one mechanism:
+the prefill side serves, the decode side reads.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kvcore.config import load_settings
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext, TierUsage
@@ -22,11 +26,14 @@ from kvcore_nixl.client import PeerClient, PeerError
 from kvcore_nixl.server import ChunkServer
 from kvcore_nixl.settings import NixlSettings
 
+if TYPE_CHECKING:
+    from kvcore.engine import CacheEngine
+
 log = logging.getLogger("kvcore.nixl.tier")
 
 
 class NixlPeerTier(Tier):
-    """Reads chunks from peers over NIXL; optionally serves the local CPU tier."""
+    """Reads chunks from peers over NIXL."""
 
     name = "nixl_peer"
     framed = False
@@ -35,23 +42,20 @@ class NixlPeerTier(Tier):
     (:func:`kvcore.chunk_format.matches`: key, length, checksum)."""
 
     def __init__(
-        self, settings: NixlSettings, memory: MemoryTier | None = None, agent: Agent | None = None,
-        pending: PendingStores | None = None,
+        self, settings: NixlSettings, max_read_bytes: int = 4 << 30, agent: Agent | None = None,
     ) -> None:
+        """``max_read_bytes``: the most one read may announce before a buffer is taken (the
+        engine's memory budget: nothing larger could be promoted)."""
         self.settings = settings
         self._agent = agent
-        self.server: ChunkServer | None = None
-        if settings.serve and memory is not None:
-            self.server = start_server(memory, settings, self.agent, pending)
-        elif settings.serve:
-            log.warning("kvcore nixl: KVCORE_NIXL_SERVE=1 but no memory tier was given; "
-                        "not serving")
         self.clients = [
             PeerClient(address, self.agent, settings.timeout_s, settings.connect_timeout_s,
-                       settings.retry_s, settings.secret_bytes(),
-                       max_read_bytes=memory.budget if memory is not None else 4 << 30)
+                       settings.retry_s, settings.secret_bytes(), max_read_bytes=max_read_bytes)
             for address in settings.peers
         ] if settings.peers else []
+        if not self.clients:
+            log.info("kvcore nixl: the nixl_peer tier has no KVCORE_NIXL_PEERS; it finds "
+                     "nothing (serving needs only KVCORE_NIXL_SERVE=1)")
 
     @property
     def agent(self) -> Agent:
@@ -99,8 +103,6 @@ class NixlPeerTier(Tier):
     def close(self) -> None:
         for client in self.clients:
             client.close()
-        if self.server is not None:
-            self.server.close()
 
 
 def start_server(
@@ -122,9 +124,15 @@ def start_server(
 
 
 def make_peer_tier(context: TierContext) -> NixlPeerTier:
-    """The tier for an engine; it serves the engine's memory tier only where the engine allows
-    (``CacheEngine(serve_memory=False)`` in a lookup-only process never binds the listen port)."""
+    """The ``nixl_peer`` tier for an engine; one read is bounded by its memory budget."""
+    budget = context.memory.budget if context.memory is not None else 4 << 30
+    return NixlPeerTier(load_settings(NixlSettings), max_read_bytes=budget)
+
+
+def serve_engine(engine: CacheEngine) -> ChunkServer | None:
+    """The ``nixl_server`` attachment: serve ``engine``'s memory tier when
+    ``KVCORE_NIXL_SERVE=1``, with its stores in progress counted as held."""
     settings = load_settings(NixlSettings)
-    if settings.serve and not context.serve_memory:
-        settings = settings.model_copy(update={"serve": False})
-    return NixlPeerTier(settings, context.memory, pending=context.pending)
+    if not settings.serve:
+        return None
+    return start_server(engine.memory, settings, pending=engine.pending)

@@ -41,14 +41,14 @@ def main() -> int:
     parser.add_argument("nbytes", type=int)
     parser.add_argument("--slow-store", type=float, default=0.0)
     args = parser.parse_args()
-    engine = CacheEngine(load_settings(tiers=["cpu", "nixl_peer"], chunk_size=16))
+    engine = CacheEngine(load_settings(tiers=["cpu"], chunk_size=16))  # serving needs no tier
     keys = engine.keys_for(Namespace("pd-test"), list(range(args.chunks * 16)))
     payloads = [chunk_payload(k, args.nbytes) for k in keys]
     if args.slow_store:
         engine.store(keys, SlowSource(payloads, args.slow_store))
     else:
         engine.store_buffers(keys, payloads).wait(30)
-    server = engine.lower[0].tier.server
+    server = engine.attachments["nixl_server"]
     print(READY + json.dumps({"address": server.address}), flush=True)
     try:
         sys.stdin.read()

@@ -30,8 +30,31 @@ def consumer(monkeypatch: Any, peers: str) -> CacheEngine:
 def test_plugin_registers_everything() -> None:
     registry = get_registry(reload=True)
     assert "nixl_peer" in registry.tiers
+    assert "nixl_server" in registry.attachments
     assert "transfer" in registry.benchmarks
     assert "NixlSettings" in registry.settings
+
+
+def test_serving_is_an_attachment_that_starts_and_stops_with_the_engine(monkeypatch: Any) -> None:
+    """KVCORE_NIXL_SERVE=1 serves the memory tier of an engine with KVCORE_TIERS=cpu (no peer
+    tier); a lookup-only engine (``attachments=False``) never binds; closing the engine closes
+    the server."""
+    import socket
+
+    monkeypatch.setenv("KVCORE_NIXL_SERVE", "1")
+    monkeypatch.setenv("KVCORE_NIXL_LISTEN", "127.0.0.1:0")
+    lookup_only = CacheEngine(load_settings(chunk_size=16), attachments=False)
+    assert "nixl_server" not in lookup_only.attachments
+    lookup_only.close()
+    engine = CacheEngine(load_settings(chunk_size=16))
+    server = engine.attachments["nixl_server"]
+    assert server.memory is engine.memory and server.pending is engine.pending
+    host, port = server.address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=2).close()  # it listens
+    engine.close()
+    assert len(engine.attachments) == 0
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
 
 
 def test_bad_peer_address_is_a_config_error(monkeypatch: Any) -> None:

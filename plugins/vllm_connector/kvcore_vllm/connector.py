@@ -28,7 +28,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvcore.config import ConfigError, Settings, load_settings
-from kvcore.engine import CacheEngine
 from kvcore.failures import FailureLog, guarded
 from kvcore_vllm.metadata import KVCoreMetadata
 from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
@@ -96,7 +95,7 @@ class KVCoreConnector(KVConnectorBase_V1):
         blocks_per_chunk = check_chunk_size(settings.chunk_size, block_size)
         scheduler_only = (role == KVConnectorRole.SCHEDULER
                           and not _workers_in_scheduler_process(vllm_config))
-        self.engine = acquire_engine(settings, serve_memory=not scheduler_only)
+        self.engine = acquire_engine(settings, attachments=not scheduler_only)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -124,7 +123,6 @@ class KVCoreConnector(KVConnectorBase_V1):
                 load_timeout_s=self.plugin_settings.load_timeout_s,
                 store_timeout_s=self.plugin_settings.store_timeout_s,
                 verify_tolerance=settings.verify_tolerance)
-            _report_to_controller(self.engine)
 
     @contextmanager
     def _timed(self, what: str) -> Iterator[None]:
@@ -319,14 +317,3 @@ def _constructing_multi_connector() -> Any:
         if isinstance(candidate, MultiConnector):
             return candidate
     return None
-
-
-def _report_to_controller(engine: CacheEngine) -> None:
-    """Report the worker's engine to ``KVCORE_CONTROLLER_URL`` when set (never fails the engine)."""
-    try:
-        from kvcore.control import attach
-
-        attach(engine)
-    except Exception as exc:
-        log.warning("kvcore: cannot report to the controller (%s: %s); serving without it",
-                    type(exc).__name__, exc)

@@ -26,19 +26,20 @@ def _key(settings: Settings) -> str:
     return settings.model_dump_json()
 
 
-def acquire_engine(settings: Settings, serve_memory: bool = True) -> CacheEngine:
+def acquire_engine(settings: Settings, attachments: bool = True) -> CacheEngine:
     """The process-wide engine for ``settings`` (created on first use).
 
-    ``serve_memory=False`` for a scheduler whose worker runs in another process: its engine holds
-    no KV, so it must not serve its CPU tier to peers (the worker's engine does). It applies
-    when the engine is created; a connector in the same process reuses the engine as it is
-    (vLLM creates the worker's connector before the scheduler's).
+    ``attachments=False`` for a scheduler whose worker runs in another process: its engine
+    holds no KV, so it neither reports to the controller nor serves its CPU tier to peers (the
+    worker's engine does both). It applies when the engine is created; a connector in the same
+    process reuses the engine as it is (vLLM creates the worker's connector before the
+    scheduler's).
     """
     key = _key(settings)
     with _lock:
         engine, users = _engines.get(key, (None, 0))
         if engine is None:
-            engine = CacheEngine(settings, serve_memory=serve_memory)
+            engine = CacheEngine(settings, attachments=attachments)
             log.info("kvcore: CacheEngine started (tiers %s, chunk %d tokens)",
                      ",".join(settings.tiers), settings.chunk_size)
         _engines[key] = (engine, users + 1)
