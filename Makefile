@@ -64,7 +64,7 @@ test-fast: test
 
 # The fault and fuzz suite of issue 17 alone (it also runs in `make test`): hostile peers,
 # forged values, a controller under attack, storage files pulled away. Loopback only, every loop
-# bounded; each root prints its "fault and fuzz figures" at the end.
+# bounded; each root prints its "kvcore figures" at the end.
 FAULT_TESTS := tests/test_control_hostile.py tests/test_keys.py \
 	plugins/redis_store/tests/test_hostile.py plugins/lmdb_store/tests/test_files_removed.py \
 	plugins/nixl_transport/tests/test_hostile.py

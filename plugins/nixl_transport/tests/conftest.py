@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,18 +11,10 @@ from typing import Any
 
 import pytest
 
-from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
+from kvcore.testing.ports import closed_address  # noqa: F401  (tests import it from here)
 
 os.environ["UCX_TLS"] = os.environ.get("KVCORE_TEST_UCX_TLS", "tcp")  # before any agent exists
 HERE = Path(__file__).parent
-
-
-
-def closed_address() -> str:
-    """``127.0.0.1:PORT`` where nothing listens (a port just released by the kernel)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 class Peer:

@@ -11,7 +11,6 @@ import functools
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from typing import Any
 
 import pytest
 from conftest import HERE
+
+from kvcore.testing.ports import free_port
 
 pytestmark = pytest.mark.vllm
 testing = pytest.importorskip("kvcore_vllm.testing")
@@ -43,12 +44,6 @@ def cores_for(role: str) -> str:
     out). Separate resources are what a P/D deployment has anyway."""
     cores = sorted(os.sched_getaffinity(0))
     return str(cores[0] if role == "prefill" else cores[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

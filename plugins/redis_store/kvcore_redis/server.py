@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from kvcore.testing.ports import free_port
 
 SLOTS = 16384
 
@@ -32,12 +33,6 @@ def find_redis_server() -> str:
             "redis-server; it is not needed as a system service)"
         )
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

@@ -1,26 +1,17 @@
 """Real redis-server processes on loopback: one server, a 3-node cluster, fresh ones on demand.
 
-A missing ``redis-server`` FAILS the tests (CI installs it); it never skips them.
+A missing ``redis-server`` FAILS the tests (CI installs it); it never skips them. A clean
+KVCORE_* environment and ``figure`` come from kvcore's pytest plugin.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvcore.testing.figures import figure, pytest_terminal_summary  # noqa: F401  (issue 17 figures)
 from kvcore_redis import RedisSettings, RedisTier
 from kvcore_redis.server import RedisClusterServers, RedisMissing, RedisServer
-
-
-@pytest.fixture(autouse=True)
-def _clean_kvcore_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start from kvcore's defaults, whatever the shell exports."""
-    for name in list(os.environ):
-        if name.startswith("KVCORE_"):
-            monkeypatch.delenv(name)
 
 
 def _require_binary() -> None:

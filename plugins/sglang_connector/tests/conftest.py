@@ -24,11 +24,3 @@ def engine() -> Iterator[CacheEngine]:
     eng = small_engine()
     yield eng
     eng.close()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start from the built-in defaults, whatever the developer's shell exports."""
-    for name in list(os.environ):
-        if name.startswith("KVCORE_"):
-            monkeypatch.delenv(name)

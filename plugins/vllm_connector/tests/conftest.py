@@ -1,8 +1,8 @@
-"""Fixtures of the kvcore-vllm tests."""
+"""Fixtures of the kvcore-vllm tests (a clean KVCORE_* environment comes from kvcore's pytest
+plugin)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,14 +10,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(autouse=True)
-def _clean_kvcore_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start from kvcore's defaults, whatever the shell exports."""
-    for name in list(os.environ):
-        if name.startswith("KVCORE_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
