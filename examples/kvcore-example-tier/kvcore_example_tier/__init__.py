@@ -1,104 +1,42 @@
-"""A complete, small kvcore plugin: a byte-budgeted tier that keeps values in a dict.
+"""A complete, small kvcore plugin: one of each thing a third party usually adds.
 
-It registers the tier ``example`` and its settings (``KVCORE_EXAMPLE_SIZE``). Enable it with
-``KVCORE_TIERS=cpu,example``. Being a lower tier, it receives values framed by the engine
-(header + checksum), so it stores opaque bytes and needs no integrity code of its own.
+- the tier ``example`` (:mod:`.tier`): values in a byte-budgeted dict, ``KVCORE_TIERS=cpu,example``;
+- the eviction policy ``example_fifo`` (:mod:`.policy`): ``KVCORE_EVICTION=example_fifo``;
+- the attachment ``example_usage_log`` (:mod:`.attachment`): logs tier usage beside every
+  engine when ``KVCORE_EXAMPLE_USAGE_LOG_S`` > 0;
+- their settings (:mod:`.settings`, ``KVCORE_EXAMPLE_*``).
+
+This module is the entry point (``[project.entry-points.kvcore] example = "kvcore_example_tier"``):
+it holds only the hook implementations, and imports the parts when a hook runs.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
-from kvcore.config import ByteSize, PluginSettings, load_settings
 from kvcore.hookspecs import hookimpl
-from kvcore.interfaces import Buffer, EvictionPolicy, Tier, TierContext, TierUsage
-from kvcore.keys import ChunkKey
+from kvcore_example_tier.policy import FifoPolicy
+from kvcore_example_tier.settings import ExampleSettings
+from kvcore_example_tier.tier import DictTier, make_tier
 
-
-class ExampleSettings(PluginSettings):
-    """Settings of the example tier."""
-
-    model_config = SettingsConfigDict(env_prefix="KVCORE_EXAMPLE_", extra="ignore", frozen=True)
-    file_section = "example"
-
-    size: ByteSize = Field(64 * 1024**2, description="Byte budget of the example tier.")
-
-
-class DictTier(Tier):
-    """Values in a dict, evicted by the configured policy when the budget is reached."""
-
-    def __init__(self, budget_bytes: int, policy: EvictionPolicy) -> None:
-        self.budget = budget_bytes
-        self.policy = policy
-        self._values: dict[ChunkKey, bytes] = {}
-        self._used = 0
-        self._lock = threading.Lock()
-
-    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        with self._lock:
-            return [k in self._values for k in keys]
-
-    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        with self._lock:
-            for key in keys:
-                if key in self._values:
-                    self.policy.touch(key)
-            return [self._values.get(k) for k in keys]
-
-    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
-        results = []
-        with self._lock:
-            for key, parts in items:
-                value = b"".join(bytes(p) for p in parts)
-                if key in self._values or len(value) > self.budget:
-                    results.append(key in self._values)
-                    continue
-                while self._used + len(value) > self.budget:
-                    victim = self.policy.victim()
-                    if victim is None:
-                        break
-                    self._remove(victim)
-                if self._used + len(value) > self.budget:
-                    results.append(False)
-                    continue
-                self._values[key] = value
-                self._used += len(value)
-                self.policy.insert(key, len(value), None)
-                results.append(True)
-        return results
-
-    def delete(self, keys: Sequence[ChunkKey]) -> int:
-        with self._lock:
-            present = [k for k in keys if k in self._values]
-            for key in present:
-                self._remove(key)
-            return len(present)
-
-    def _remove(self, key: ChunkKey) -> None:
-        self._used -= len(self._values.pop(key))
-        self.policy.remove(key)
-
-    def usage(self) -> TierUsage:
-        with self._lock:
-            return TierUsage(self._used, self.budget, len(self._values))
-
-    def iter_keys(self) -> Iterator[ChunkKey]:
-        with self._lock:
-            return iter(list(self._values))
-
-
-def make_tier(context: TierContext) -> DictTier:
-    settings = load_settings(ExampleSettings)
-    return DictTier(settings.size, context.make_policy())
+__all__ = ["DictTier", "ExampleSettings", "FifoPolicy"]
 
 
 @hookimpl
 def kvcore_register_tiers(register: Callable[..., None]) -> None:
     register("example", make_tier)
+
+
+@hookimpl
+def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
+    register("example_fifo", FifoPolicy)
+
+
+@hookimpl
+def kvcore_register_attachments(register: Callable[..., None]) -> None:
+    from kvcore_example_tier.attachment import start_usage_log
+
+    register("example_usage_log", start_usage_log)
 
 
 @hookimpl

@@ -1,0 +1,21 @@
+"""Settings of the example plugin: ``KVCORE_EXAMPLE_*`` or an ``example:`` table in the file."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from kvcore.config import ByteSize, PluginSettings
+
+
+class ExampleSettings(PluginSettings):
+    """Settings of the example tier and attachment."""
+
+    model_config = SettingsConfigDict(env_prefix="KVCORE_EXAMPLE_", extra="ignore", frozen=True)
+    file_section = "example"
+
+    size: ByteSize = Field(64 * 1024**2, description="Byte budget of the example tier.")
+    usage_log_s: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False,
+        description="Seconds between the example attachment's usage log lines; 0: off.",
+    )
