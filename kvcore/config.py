@@ -151,7 +151,10 @@ def _read_config_file() -> dict[str, Any]:
 class _KVCoreSettingsBase(BaseSettings):
     """Shared source order: constructor arguments, then environment, then the config file."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_", extra="ignore", frozen=True,
+                                      allow_inf_nan=False)
+    """``allow_inf_nan=False``: ``inf`` or ``nan`` for any float (a timeout of ``inf`` would wait
+    for ever) is refused naming the variable; subclasses inherit it."""
     file_section: ClassVar[str] = ""
 
     @classmethod
@@ -248,6 +251,11 @@ class PluginSettings(_KVCoreSettingsBase):
     """Base of a plugin's settings: set ``env_prefix`` to ``KVCORE_<PLUGIN>_`` and
     ``file_section`` to the plugin's table name in the config file."""
 
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for what the plugin would refuse when it builds its parts
+        (an unusable URL, say), without connecting anywhere; ``kvcore config`` and
+        ``kvcore doctor`` call it, so they reject what the engine would. Default: nothing."""
+
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -288,14 +296,57 @@ def unknown_variables(
     return out
 
 
+def unknown_file_keys(
+    classes: Iterable[type[BaseSettings]], data: Mapping[str, Any] | None = None
+) -> list[tuple[str, str | None]]:
+    """Keys of the ``KVCORE_CONFIG_FILE`` file no settings class reads: (key, closest known).
+
+    Known are the core fields at the top level, each plugin's ``file_section`` as a table of
+    its fields (``lmdb: {path: ...}``, reported as ``lmdb.path``) and its fields prefixed at
+    the top level (``lmdb_path``).
+    """
+    data = _read_config_file() if data is None else data
+    top: set[str] = set()
+    sections: dict[str, set[str]] = {}
+    for cls in classes:
+        section = str(getattr(cls, "file_section", "") or "")
+        fields = set(cls.model_fields)
+        if section:
+            sections.setdefault(section, set()).update(fields)
+            top.update(f"{section}_{name}" for name in fields)
+        else:
+            top.update(fields)
+    out: list[tuple[str, str | None]] = []
+    for key, value in data.items():
+        if key in sections and isinstance(value, Mapping):
+            for inner in value:
+                name = str(inner).lower().replace("-", "_")
+                if name not in sections[key]:
+                    close = difflib.get_close_matches(name, sorted(sections[key]), n=1)
+                    out.append((f"{key}.{inner}", f"{key}.{close[0]}" if close else None))
+        elif key not in top:
+            close = difflib.get_close_matches(key, sorted(top | set(sections)), n=1)
+            out.append((key, close[0] if close else None))
+    return out
+
+
 def check_environment(classes: Iterable[type[BaseSettings]],
                       environ: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`ConfigError` naming each unknown ``KVCORE_*`` variable (a typo would
-    otherwise be ignored without a word) and the closest known one."""
+    """Raise :class:`ConfigError` naming each unknown ``KVCORE_*`` variable and config-file key
+    (a typo would otherwise be ignored without a word) and the closest known one."""
+    classes = list(classes)
+    problems = []
     unknown = unknown_variables(classes, environ)
     if unknown:
         parts = [f"{v} (did you mean {c}?)" if c else v for v, c in unknown]
-        raise ConfigError("unknown variable(s): " + ", ".join(parts)
+        problems.append("unknown variable(s): " + ", ".join(parts))
+    keys = unknown_file_keys(classes)
+    if keys:
+        parts = [f"{k} (did you mean {c}?)" if c else k for k, c in keys]
+        problems.append(f"KVCORE_CONFIG_FILE={os.environ.get('KVCORE_CONFIG_FILE', '')!r}: "
+                        "unknown key(s): " + ", ".join(parts))
+    if problems:
+        raise ConfigError("; ".join(problems)
                           + "; `kvcore config --reference` lists every setting")
 
 

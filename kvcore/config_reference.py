@@ -56,7 +56,11 @@ def reference_markdown(plugin_settings: dict[str, type[BaseSettings]]) -> str:
         "Every setting is an environment variable. `KVCORE_CONFIG_FILE` may name a YAML or TOML",
         "file with the same settings (core ones at the top level, a plugin's in its own table,",
         "for example `lmdb: {path: /data/kv}`); the environment wins over the file. Sizes accept",
-        "units (`512MiB`, `4GB`); lists are comma-separated (`cpu,lmdb`).",
+        "units (`512MiB`, `4GB`); lists are comma-separated (`cpu,lmdb`). No float takes `inf`",
+        "or `nan`. `kvcore config` and `kvcore doctor` exit 2 on a bad value, an unknown",
+        "`KVCORE_*` variable or config-file key (naming the closest known one) and what a",
+        "plugin would refuse when it starts (an unusable Redis URL); an engine logs a warning",
+        "for an unknown variable or key and ignores it.",
         "",
     ]
     lines += settings_table(Settings, "`KVCORE_*`: core")

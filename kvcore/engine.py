@@ -37,7 +37,13 @@ import numpy as np
 
 from kvcore import logs
 from kvcore.attachments import Attachments
-from kvcore.config import ConfigError, Settings, load_settings, unknown_variables
+from kvcore.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    unknown_file_keys,
+    unknown_variables,
+)
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
@@ -96,27 +102,32 @@ class ChunkLease:
         self.close()
 
 
-_warned_variables: set[str] = set()
+_warned_settings: set[str] = set()
 
 
 @functools.cache
-def _installed_plugin_prefixes() -> tuple[str, ...]:
-    """``KVCORE_<NAME>_`` of every installed plugin (read once: a scan of the entry points)."""
-    return tuple(f"KVCORE_{ep.name.upper()}_"
-                 for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+def _installed_plugin_names() -> tuple[str, ...]:
+    """Entry-point names of every installed plugin (read once: a scan of the entry points)."""
+    return tuple(ep.name.lower() for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
-def _warn_unknown_variables(registry: PluginRegistry) -> None:
-    """One warning per process and variable for a ``KVCORE_*`` variable nothing declares (a
-    typo would silently keep the default; ``kvcore config`` rejects it). Variables of installed
-    plugins that ``KVCORE_PLUGINS`` leaves out (``KVCORE_<NAME>_*``) are not warned about."""
-    skipped = _installed_plugin_prefixes()
-    for variable, closest in unknown_variables([Settings, *registry.settings.values()]):
-        if variable.startswith(skipped):
-            continue
-        if variable not in _warned_variables:
-            _warned_variables.add(variable)
-            log.warning("kvcore: %s is not a kvcore setting%s; ignored", variable,
+def _warn_unknown_settings(registry: PluginRegistry) -> None:
+    """One warning per process for each ``KVCORE_*`` variable and config-file key nothing
+    declares (a typo would silently keep the default; ``kvcore config`` rejects it). Those of
+    installed plugins that ``KVCORE_PLUGINS`` leaves out (``KVCORE_<NAME>_*``, a ``<name>``
+    table or ``<name>_*`` keys) are not warned about."""
+    names = _installed_plugin_names()
+    variables = tuple(f"KVCORE_{name.upper()}_" for name in names)
+    keys = tuple(f"{name}{sep}" for name in names for sep in "._")
+    classes = [Settings, *registry.settings.values()]
+    found = [(v, c, "variable") for v, c in unknown_variables(classes)
+             if not v.startswith(variables)]
+    found += [(k, c, "config-file key") for k, c in unknown_file_keys(classes)
+              if not k.startswith(keys) and k not in names]
+    for name, closest, kind in found:
+        if name not in _warned_settings:
+            _warned_settings.add(name)
+            log.warning("kvcore: %s %s is not a kvcore setting%s; ignored", kind, name,
                         f" (did you mean {closest}?)" if closest else "")
 
 
@@ -141,7 +152,7 @@ class CacheEngine:
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logs.configure(self.settings.log_level)
         self.registry = registry or get_registry(self.settings.plugins)
-        _warn_unknown_variables(self.registry)
+        _warn_unknown_settings(self.registry)
         self.metrics = Metrics()
         self.chunk_size = self.settings.chunk_size
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []

@@ -163,3 +163,72 @@ def test_config_and_doctor_reject_a_misspelt_variable() -> None:
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 2, (command, done.stdout, done.stderr)
         assert "did you mean KVCORE_CHUNK_SIZE" in done.stdout + done.stderr
+
+
+def test_unknown_config_file_keys_are_named_with_the_closest_known_one(tmp_path: Path) -> None:
+    from kvcore.config import Settings, unknown_file_keys
+    from kvcore.control.settings import ControllerSettings
+
+    data = {"chunk_size": 16, "chunksize": 3, "controller": {"url": "", "tokn": "x"},
+            "controller_timeout_s": 1.0, "controler_url": "x", "zzzzzzzz": 1}
+    assert unknown_file_keys([Settings, ControllerSettings], data) == [
+        ("chunksize", "chunk_size"), ("controller.tokn", "controller.token"),
+        ("controler_url", "controller_url"), ("zzzzzzzz", None)]
+    assert unknown_file_keys([Settings, ControllerSettings],
+                             {"tiers": ["cpu"], "controller": {"token": "t"}}) == []
+
+
+def test_config_doctor_and_engine_reject_or_warn_about_a_misspelt_file_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import os
+
+    from kvcore.engine import CacheEngine
+
+    config = tmp_path / "kvcore.yaml"
+    config.write_text("chunk_size: 16\ncpu_sise: 1MiB\ncontroller:\n  timeout: 3\n")
+    env = {**os.environ, "KVCORE_CONFIG_FILE": str(config)}
+    for command in ("config", "doctor"):
+        done = subprocess.run([sys.executable, "-m", "kvcore.cli.main", command],
+                              capture_output=True, text=True, env=env, timeout=120)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, (command, out)
+        assert "cpu_sise (did you mean cpu_size?)" in out, out
+        assert "controller.timeout (did you mean controller.timeout_s?)" in out, out
+        assert "Traceback" not in out
+    monkeypatch.setenv("KVCORE_CONFIG_FILE", str(config))
+    with caplog.at_level(logging.WARNING, logger="kvcore.engine"):
+        with CacheEngine(load_settings()) as engine:  # the engine serves, and says why
+            assert engine.chunk_size == 16
+    assert "config-file key cpu_sise is not a kvcore setting (did you mean cpu_size?)" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("variable", ["KVCORE_TIER_TIMEOUT_S", "KVCORE_CONTROLLER_TIMEOUT_S",
+                                      "KVCORE_VERIFY_TOLERANCE"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_no_float_setting_takes_inf_or_nan(variable: str, value: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KVCORE_TIER_TIMEOUT_S=inf`` once disabled every lower tier's timeout; every float
+    setting, the plugins' included, refuses inf and nan naming the variable."""
+    from kvcore.control.settings import ControllerSettings
+
+    monkeypatch.setenv(variable, value)
+    cls = ControllerSettings if "CONTROLLER" in variable else Settings
+    with pytest.raises(ConfigError, match=f"{variable}='{value}'"):
+        load_settings(cls)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://:8470", "names no host"), ("http://host:99999", "port is not a number"),
+    ("http://host:port", "port is not a number"), ("ftp://host", "http:// or https://"),
+    ("http://host:8470/?q=1", "no query"),
+])
+def test_unusable_controller_urls_are_refused(url: str, message: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcore.control.settings import ControllerSettings
+
+    monkeypatch.setenv("KVCORE_CONTROLLER_URL", url)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(ControllerSettings)

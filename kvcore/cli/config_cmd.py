@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 
 from kvcore.cli.main import print_json
-from kvcore.config import Settings, check_environment, load_settings
+from kvcore.config import PluginSettings, Settings, check_environment, load_settings
 from kvcore.plugins import get_registry
 
 
 def effective_settings() -> dict[str, dict]:
-    """Settings by section (``core`` and each plugin's settings class), validated; an unknown
-    ``KVCORE_*`` variable is an error (naming the closest known one)."""
+    """Settings by section (``core`` and each plugin's settings class), validated and checked
+    (:meth:`PluginSettings.check`); an unknown ``KVCORE_*`` variable or config-file key is an
+    error (naming the closest known one)."""
     settings = load_settings()
     sections: dict[str, dict] = {"core": settings.model_dump()}
     registry = get_registry(settings.plugins)
     check_environment([Settings, *get_registry(allow=None).settings.values()])
     for name, cls in sorted(registry.settings.items()):
-        sections[name] = load_settings(cls).model_dump()
+        plugin_settings: PluginSettings = load_settings(cls)
+        plugin_settings.check()
+        sections[name] = plugin_settings.model_dump()
     return sections
 
 

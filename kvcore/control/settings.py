@@ -3,6 +3,8 @@ config file). Instances and the controller read the same class."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import Field, SecretStr, field_validator
 
 from kvcore.config import ByteSize, PluginSettings
@@ -76,7 +78,18 @@ class ControllerSettings(PluginSettings):
     @classmethod
     def _http_url(cls, value: str) -> str:
         value = value.strip().rstrip("/")
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("expected an http:// or https:// URL, for example "
-                             "http://127.0.0.1:8470")
+        if not value:
+            return value
+        example = "for example http://127.0.0.1:8470"
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, {example}")
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError:
+            raise ValueError(f"the port is not a number in 0..65535, {example}") from None
+        if not parts.hostname:
+            raise ValueError(f"the URL names no host, {example}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"expected no query or fragment, {example}")
         return value

@@ -60,3 +60,11 @@ class LmdbSettings(PluginSettings):
     @classmethod
     def _path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a directory, for example ~/.local/state/kvcore/lmdb "
+                             "(an empty path would put the store in the working directory)")
+        return value

@@ -83,3 +83,17 @@ def test_settings_from_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("KVCORE_LMDB_SIZE", "lots")
     with pytest.raises(ConfigError, match="KVCORE_LMDB_SIZE='lots'"):
         load_settings(LmdbSettings)
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_an_empty_path_is_a_config_error_naming_the_variable(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty KVCORE_LMDB_PATH would put the store in whatever directory the engine started
+    in; it is refused instead, by the engine and by `kvcore config`."""
+    from kvcore.config import ConfigError, load_settings
+    from kvcore.engine import CacheEngine
+
+    monkeypatch.setenv("KVCORE_LMDB_PATH", path)
+    with pytest.raises(ConfigError, match="KVCORE_LMDB_PATH=.*expected a directory"):
+        CacheEngine(load_settings(tiers=["cpu", "lmdb"]))

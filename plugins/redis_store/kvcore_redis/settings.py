@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from kvcore.config import ByteSize, PluginSettings
+from kvcore.config import ByteSize, ConfigError, PluginSettings
 
 MiB = 1024**2
 
@@ -57,3 +57,12 @@ class RedisSettings(PluginSettings):
         1.0, gt=0, description="After a failure, calls are misses for this long before a retry."
     )
     max_connections: int = Field(64, gt=0, description="Connections per server node.")
+
+    def check(self) -> None:
+        """What the tier refuses when it is built: an unusable URL, braces in the prefix (they
+        would break the cluster hash tags)."""
+        from kvcore_redis.urls import parse_endpoint
+
+        parse_endpoint(self.url.get_secret_value())
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ConfigError(f"KVCORE_REDIS_PREFIX={self.prefix!r}: must not hold braces")

@@ -56,10 +56,8 @@ class RedisTier(Tier):
     def __init__(self, settings: RedisSettings | None = None, name: str = "redis") -> None:
         self.settings = settings or RedisSettings()
         self.name = name
-        url = self.settings.url.get_secret_value()
-        self.endpoint: Endpoint = parse_endpoint(url)
-        if "{" in self.settings.prefix or "}" in self.settings.prefix:
-            raise ConfigError(f"KVCORE_REDIS_PREFIX={self.settings.prefix!r}: must not hold braces")
+        self.settings.check()
+        self.endpoint: Endpoint = parse_endpoint(self.settings.url.get_secret_value())
         self._secrets = [s for s in (self.endpoint.options.get("password"),
                                      self._setting_password()) if s]
         self.naming = Naming(self.settings.prefix)

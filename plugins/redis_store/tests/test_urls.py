@@ -41,3 +41,24 @@ def test_bad_urls_name_the_variable_without_the_password() -> None:
     assert "KVCORE_REDIS_URL" in str(info.value) and "s3cret" not in str(info.value)
     with pytest.raises(ConfigError, match="KVCORE_REDIS_URL"):
         parse_endpoint("localhost:6379")
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("KVCORE_REDIS_URL", "http://cache:6379", "unknown scheme 'http'"),
+    ("KVCORE_REDIS_URL", "", "KVCORE_REDIS_URL is empty"),
+    ("KVCORE_REDIS_PREFIX", "kv{x}:", "must not hold braces"),
+])
+def test_config_and_doctor_refuse_what_the_tier_would(variable: str, value: str,
+                                                      message: str) -> None:
+    """`kvcore config` and `kvcore doctor` run the tier's own checks (RedisSettings.check),
+    without connecting: exit 2, one line naming the variable, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, variable: value, "KVCORE_TIERS": "cpu,redis"}
+    for command in ("config", "doctor"):
+        done = subprocess.run([sys.executable, "-m", "kvcore.cli.main", command],
+                              capture_output=True, text=True, env=env, timeout=120)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2 and message in out and "Traceback" not in out, out
