@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 from kvcore.control.client import ControllerClient, ControllerError, HttpJson  # noqa: E402
 from kvcore.keys import Namespace  # noqa: E402
+from kvcore.testing.ports import closed_address  # noqa: E402
 
 TOKEN = "cluster-test-token"
 CHUNK = 4
@@ -386,3 +387,35 @@ def test_instance_outlives_the_controller_and_registers_again(script: Path) -> N
     finally:
         a.kill()
         stop(proc)
+
+
+def test_a_wrong_token_or_url_is_said_once_and_the_engine_serves(
+    controller: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reporter whose token the (real) controller refuses, and one whose URL answers nothing,
+    each log one warning naming the setting, however often they retry; the engine serves."""
+    import logging
+
+    from kvcore.config import load_settings
+    from kvcore.control import attach
+    from kvcore.engine import CacheEngine
+
+    closed = f"http://{closed_address()}"
+    with caplog.at_level(logging.WARNING, logger="kvcore.control.reporter"):
+        engines = [CacheEngine(load_settings(chunk_size=4)) for _ in range(2)]
+        reporters = [attach(engines[0], url=controller, token="wrong-token", heartbeat_s=0.1,
+                            flush_s=0.05),
+                     attach(engines[1], url=closed, token=TOKEN, heartbeat_s=0.1, flush_s=0.05,
+                            timeout_s=0.2)]
+        try:
+            keys = engines[0].keys_for(NS, PROMPT)
+            assert engines[0].store_buffers(keys, [bytes(16)] * 4).wait(5) == 4
+            time.sleep(1.5)  # many retries
+            assert not any(r is not None and r.registered for r in reporters)
+            assert engines[0].lookup(keys).chunks == 4
+        finally:
+            for engine in engines:
+                engine.close()
+    lines = [r.getMessage() for r in caplog.records if "cannot register" in r.getMessage()]
+    assert len([m for m in lines if "refused KVCORE_CONTROLLER_TOKEN" in m]) == 1, lines
+    assert len([m for m in lines if "no answer from KVCORE_CONTROLLER_URL" in m]) == 1, lines

@@ -57,6 +57,10 @@ def json_safe_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {**stats, "histograms": histograms}
 
 
+class TokenRefused(Exception):
+    """The controller answered 401 or 403: this instance's token is wrong or missing."""
+
+
 class Reporter(Attachment):
     """Reports one engine to the controller at ``settings.url``. Call :meth:`close` to stop."""
 
@@ -73,6 +77,7 @@ class Reporter(Attachment):
         self._registered = threading.Event()
         self._stop = threading.Event()
         self.dropped_events = 0
+        self._warned: set[str] = set()
         self._threads = [
             threading.Thread(target=self._send_loop, name="kvcore-report", daemon=True),
             threading.Thread(target=self._command_loop, name="kvcore-commands", daemon=True),
@@ -121,8 +126,13 @@ class Reporter(Attachment):
             except NotRegistered:
                 self._lost("the controller forgot this instance")
                 wait = 0.0
+            except TokenRefused as exc:
+                self._unreachable("token", f"the controller refused KVCORE_CONTROLLER_TOKEN "
+                                  f"({exc}): give this instance the controller's token")
+                backoff = wait = self.settings.heartbeat_s
             except ControllerUnavailable as exc:
-                self._lost(str(exc))
+                self._unreachable("unavailable", f"no answer from KVCORE_CONTROLLER_URL "
+                                  f"({exc})")
                 backoff = min(backoff * 2, self.settings.heartbeat_s)
                 wait = backoff
             except Exception as exc:  # never let the thread die
@@ -133,6 +143,15 @@ class Reporter(Attachment):
 
     def _engine_closed(self) -> bool:
         return self.engine.closed
+
+    def _unreachable(self, kind: str, why: str) -> None:
+        """Lost (logged) once registered; before that, one warning per kind of failure, so a
+        wrong URL or token is said once, not at every retry."""
+        if not self._registered.is_set() and kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("kvcore reporter: cannot register at %s: %s; the engine serves without "
+                        "the controller and retries", self.settings.url, why)
+        self._lost(why)
 
     def _lost(self, why: str) -> None:
         if self._registered.is_set():
@@ -154,6 +173,8 @@ class Reporter(Attachment):
         status, payload = self.http.call(method, path, body)
         if status == 404:
             raise NotRegistered()
+        if status in (401, 403):
+            raise TokenRefused(f"{path}: HTTP {status}")
         if status >= 400:
             raise ControllerUnavailable(f"{path}: HTTP {status}: {payload}")
         return payload
