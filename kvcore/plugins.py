@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,7 +70,25 @@ def _settings_class(cls: type) -> tuple[str, Any]:
     if not (isinstance(cls, type) and issubclass(cls, PluginSettings)):
         raise TypeError("kvcore_register_settings: register(cls) takes a PluginSettings "
                         f"subclass, not {cls!r}")
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    section = prefix.removeprefix("KVCORE_").removesuffix("_").lower()
+    if not _PREFIX.fullmatch(prefix):
+        raise TypeError(f"kvcore_register_settings: {cls.__name__} needs model_config = "
+                        'SettingsConfigDict(env_prefix="KVCORE_<PLUGIN>_"), not '
+                        f"env_prefix={prefix!r}")
+    if section and cls.file_section != section:
+        raise TypeError(f"kvcore_register_settings: {cls.__name__} needs file_section = "
+                        f"{section!r} (its config-file table, named like its prefix), not "
+                        f"{cls.file_section!r}")
+    if not cls.model_config.get("frozen") or cls.model_config.get("allow_inf_nan", True):
+        raise TypeError(f"kvcore_register_settings: {cls.__name__} overrides frozen or "
+                        "allow_inf_nan of PluginSettings; declare only env_prefix")
     return cls.__name__, cls
+
+
+_PREFIX = re.compile(r"KVCORE_(?:[A-Z][A-Z0-9]*_)?")
+"""``KVCORE_<PLUGIN>_`` (or bare ``KVCORE_`` for a built-in's fields, such as the copy
+settings' ``copy_*``)."""
 
 
 def _benchmark(name: str, add_arguments: Callable[..., Any],

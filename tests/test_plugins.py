@@ -164,6 +164,38 @@ def test_settings_and_connectors_must_be_their_types() -> None:
     assert info.error and "PluginSettings subclass" in info.error
 
 
+def _settings_class(name: str, config: dict, section: str) -> type:
+    from typing import ClassVar
+
+    from pydantic_settings import SettingsConfigDict
+
+    from kvcore.config import PluginSettings
+
+    return type(name, (PluginSettings,), {
+        "model_config": SettingsConfigDict(**config),  # type: ignore[typeddict-item]
+        "file_section": section, "__annotations__": {"file_section": ClassVar[str]}})
+
+
+@pytest.mark.parametrize(("config", "section", "message"), [
+    ({"env_prefix": "MYPLUGIN_"}, "myplugin", 'env_prefix="KVCORE_<PLUGIN>_"'),
+    ({"env_prefix": "KVCORE_MINE"}, "mine", 'env_prefix="KVCORE_<PLUGIN>_"'),
+    ({"env_prefix": "KVCORE_MINE_"}, "other", "file_section = 'mine'"),
+    ({"env_prefix": "KVCORE_MINE_", "frozen": False}, "mine", "overrides frozen"),
+    ({"env_prefix": "KVCORE_MINE_", "allow_inf_nan": True}, "mine", "allow_inf_nan"),
+])
+def test_plugin_settings_are_declared_one_way(config: dict, section: str, message: str) -> None:
+    """A settings class declares its ``KVCORE_<PLUGIN>_`` prefix and the matching file table,
+    and inherits the rest (frozen, unknown fields ignored, no inf/nan); anything else is
+    refused when registered, naming what to write."""
+    cls = _settings_class("MineSettings", config, section)
+    plugin = _plugin("mine", kvcore_register_settings=lambda register: register(cls))
+    info = PluginRegistry().load(allow=[]).register_module(plugin, "mine")
+    assert info.error and message in info.error, info.error
+    good = _settings_class("GoodSettings", {"env_prefix": "KVCORE_MINE_"}, "mine")
+    plugin = _plugin("good", kvcore_register_settings=lambda register: register(good))
+    assert PluginRegistry().load(allow=[]).register_module(plugin, "good").error is None
+
+
 def test_allow_list_is_honoured_after_the_first_load() -> None:
     from kvcore.plugins import get_registry
 

@@ -3,9 +3,11 @@ config file). Instances and the controller read the same class."""
 
 from __future__ import annotations
 
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from kvcore.config import ByteSize, PluginSettings
 
@@ -13,8 +15,8 @@ from kvcore.config import ByteSize, PluginSettings
 class ControllerSettings(PluginSettings):
     """Where instances report, how the controller listens, and the limits of both."""
 
-    model_config = {**PluginSettings.model_config, "env_prefix": "KVCORE_CONTROLLER_"}
-    file_section = "controller"
+    model_config = SettingsConfigDict(env_prefix="KVCORE_CONTROLLER_")
+    file_section: ClassVar[str] = "controller"
 
     url: str = Field(
         "", description="Controller URL; when set, instances report there (http://host:port)."

@@ -25,7 +25,7 @@ log = logging.getLogger("kvcore.copy")
 class CopySettings(PluginSettings):
     """How kvcore copies KV between an engine's paged blocks and chunk buffers."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_")
     # top-level keys of the config file (copy_backend: ...), like the variables
 
     copy_backend: Literal["auto", "native", "fallback", "torch", "numpy"] = Field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -11,8 +13,8 @@ from kvcore.config import ByteSize, PluginSettings
 class ExampleSettings(PluginSettings):
     """Settings of the example tier and attachment."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_EXAMPLE_", extra="ignore", frozen=True)
-    file_section = "example"
+    model_config = SettingsConfigDict(env_prefix="KVCORE_EXAMPLE_")
+    file_section: ClassVar[str] = "example"
 
     size: ByteSize = Field(64 * 1024**2, description="Byte budget of the example tier.")
     usage_log_s: float = Field(

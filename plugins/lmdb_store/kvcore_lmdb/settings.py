@@ -22,9 +22,7 @@ def _default_path() -> str:
 class LmdbSettings(PluginSettings):
     """Where the store lives and how large it may grow."""
 
-    model_config = SettingsConfigDict(
-        **{**PluginSettings.model_config, "env_prefix": "KVCORE_LMDB_"}
-    )
+    model_config = SettingsConfigDict(env_prefix="KVCORE_LMDB_")
     file_section: ClassVar[str] = "lmdb"
 
     path: str = Field(

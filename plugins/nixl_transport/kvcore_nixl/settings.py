@@ -21,7 +21,7 @@ def split_address(address: str) -> tuple[str, int]:
 class NixlSettings(PluginSettings):
     """How this instance serves its CPU tier to peers and which peers it reads from."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_NIXL_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_NIXL_")
     file_section: ClassVar[str] = "nixl"
 
     peers: NameList = Field(

@@ -15,7 +15,7 @@ MiB = 1024**2
 class RedisSettings(PluginSettings):
     """Where the Redis tier connects and how it stores chunks."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_REDIS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_REDIS_")
     file_section: ClassVar[str] = "redis"
 
     url: SecretStr = Field(

@@ -17,7 +17,7 @@ from kvcore.config import PluginSettings, load_settings
 class SGLangSettings(PluginSettings):
     """How SGLang pages map into kvcore."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_SGLANG_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_SGLANG_")
     file_section: ClassVar[str] = "sglang"
 
     tenant: str = Field(

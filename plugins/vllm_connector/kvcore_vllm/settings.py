@@ -18,7 +18,7 @@ from kvcore.config import PluginSettings
 class VllmSettings(PluginSettings):
     """Options of kvcore-vllm."""
 
-    model_config = SettingsConfigDict(env_prefix="KVCORE_VLLM_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="KVCORE_VLLM_")
     file_section: ClassVar[str] = "vllm"
 
     layerwise: bool = Field(
