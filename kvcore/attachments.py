@@ -51,8 +51,6 @@ class Attachments(Mapping[str, Attachment]):
         that name, ``attachment`` is closed and the running one returned."""
         with self._lock:
             running = self._running.get(name)
-            if running is attachment:  # a factory that added itself (through attach())
-                return running
             if running is None and not self._closed:
                 self._running[name] = attachment
                 return attachment

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import atexit
 from typing import TYPE_CHECKING, Any
 
 from kvcore.config import load_settings
@@ -37,17 +36,24 @@ def attach(engine: CacheEngine, settings: ControllerSettings | None = None,
     existing = engine.attachments.get("controller")
     if existing is not None:
         return existing  # type: ignore[return-value]
+    reporter = new_reporter(engine, settings, **overrides)
+    if reporter is None:
+        return None
+    running = engine.attachments.add("controller", reporter)
+    if running is reporter:
+        reporter.start()
+    return running  # type: ignore[return-value]
+
+
+def new_reporter(engine: CacheEngine, settings: ControllerSettings | None = None,
+                 **overrides: Any) -> Reporter | None:
+    """A reporter for ``engine``, not started yet; ``None`` when no controller URL is set."""
     settings = settings or load_settings(ControllerSettings, **overrides)
     if not settings.url:
         return None
     from kvcore.control.reporter import Reporter
 
-    reporter = Reporter(engine, settings)
-    running = engine.attachments.add("controller", reporter)
-    if running is reporter:
-        reporter.start()
-        atexit.register(reporter.close)
-    return running  # type: ignore[return-value]
+    return Reporter(engine, settings)
 
 
 def __getattr__(name: str) -> Any:

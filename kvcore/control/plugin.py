@@ -21,9 +21,10 @@ def kvcore_register_settings(register: Callable[..., None]) -> None:
 
 def start_reporter(engine: CacheEngine) -> Reporter | None:
     """The ``controller`` attachment: a reporter when ``KVCORE_CONTROLLER_URL`` is set."""
-    from kvcore.control import attach
+    from kvcore.control import new_reporter
 
-    return attach(engine)
+    reporter = new_reporter(engine)
+    return reporter.start() if reporter is not None else None
 
 
 @hookimpl

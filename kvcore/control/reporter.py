@@ -16,6 +16,7 @@ the event is dropped and the next flush resynchronizes with a snapshot.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
@@ -88,9 +89,11 @@ class Reporter(Attachment):
         return self._registered.is_set()
 
     def start(self) -> Reporter:
+        """Start the threads; the reporter also closes (deregisters) at interpreter exit."""
         self.engine.subscribe(self._on_event)
         for thread in self._threads:
             thread.start()
+        atexit.register(self.close)
         return self
 
     # -- engine side (must never block) ---------------------------------------------------------

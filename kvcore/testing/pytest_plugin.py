@@ -37,16 +37,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="kvcore: remove every KVCORE_* variable for every test")
 
 
-def _remove_kvcore_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("KVCORE_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def kvcore_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No ``KVCORE_*`` variable for this test; returns ``monkeypatch`` to set some."""
-    _remove_kvcore_variables(monkeypatch)
+    for name in list(os.environ):
+        if name.startswith("KVCORE_"):
+            monkeypatch.delenv(name)
     return monkeypatch
 
 

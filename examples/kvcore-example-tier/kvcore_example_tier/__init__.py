@@ -7,7 +7,8 @@
 - their settings (:mod:`.settings`, ``KVCORE_EXAMPLE_*``).
 
 This module is the entry point (``[project.entry-points.kvcore] example = "kvcore_example_tier"``):
-it holds only the hook implementations, and imports the parts when a hook runs.
+it holds only the hook implementations and the names a user imports; the attachment's module is
+imported when its hook runs.
 """
 
 from __future__ import annotations

@@ -18,6 +18,6 @@ class ExampleSettings(PluginSettings):
 
     size: ByteSize = Field(64 * 1024**2, description="Byte budget of the example tier.")
     usage_log_s: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False,
+        0.0, ge=0.0,
         description="Seconds between the example attachment's usage log lines; 0: off.",
     )

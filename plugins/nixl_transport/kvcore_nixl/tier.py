@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from kvcore.engine import CacheEngine
 
 log = logging.getLogger("kvcore.nixl.tier")
+MAX_READ_BYTES = 4 << 30
+"""The most one read may announce where no memory budget bounds it."""
 
 
 class NixlPeerTier(Tier):
@@ -42,7 +44,8 @@ class NixlPeerTier(Tier):
     (:func:`kvcore.chunk_format.matches`: key, length, checksum)."""
 
     def __init__(
-        self, settings: NixlSettings, max_read_bytes: int = 4 << 30, agent: Agent | None = None,
+        self, settings: NixlSettings, max_read_bytes: int = MAX_READ_BYTES,
+        agent: Agent | None = None,
     ) -> None:
         """``max_read_bytes``: the most one read may announce before a buffer is taken (the
         engine's memory budget: nothing larger could be promoted)."""
@@ -125,7 +128,7 @@ def start_server(
 
 def make_peer_tier(context: TierContext) -> NixlPeerTier:
     """The ``nixl_peer`` tier for an engine; one read is bounded by its memory budget."""
-    budget = context.memory.budget if context.memory is not None else 4 << 30
+    budget = context.memory.budget if context.memory is not None else MAX_READ_BYTES
     return NixlPeerTier(load_settings(NixlSettings), max_read_bytes=budget)
 
 
