@@ -37,6 +37,7 @@ import numpy as np
 
 from kvcore import logs
 from kvcore.attachments import Attachments
+from kvcore.codecs.context import CodecContext
 from kvcore.config import (
     ConfigError,
     Settings,
@@ -168,7 +169,15 @@ class CacheEngine:
             )
         self.memory: MemoryTier = first
         """The memory tier: every load is served from it, every store lands in it first."""
-        self.stack = TierStack(first, [self._lower(t) for t in built[1:]], self.metrics)
+        self.codecs = CodecContext(self.registry)
+        """Codecs of the lower tiers and what they need to know (namespace element types)."""
+        try:
+            lower = [self._lower(t) for t in built[1:]]
+        except BaseException:
+            for tier in built:
+                tier.close()
+            raise
+        self.stack = TierStack(first, lower, self.metrics, self.codecs)
         self.pipeline = Pipeline(self.stack, self.settings, self.metrics, self.pending)
         self.attachments = Attachments()
         """What runs beside this engine, by name (``engine.attachments["controller"]``)."""
@@ -183,8 +192,11 @@ class CacheEngine:
                  self.settings.eviction)
 
     def _lower(self, tier: Tier) -> LowerTier:
+        variable = f"KVCORE_{tier.name.upper()}_CODEC"
+        codec = self.codecs.configured(str(getattr(tier, "codec", "none")), variable)
         return LowerTier(tier, self.settings.tier_timeout_s, self.metrics,
-                         self.settings.background_nice)
+                         self.settings.background_nice, codec=codec, codecs=self.codecs,
+                         max_raw_bytes=self.memory.budget)
 
     def _build_tiers(self) -> list[Tier]:
         """The tiers of ``settings.tiers``; when one fails to build, those already built are
@@ -245,7 +257,14 @@ class CacheEngine:
     def keys_for(self, namespace: Namespace | bytes,
                  tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
         """Keys of the full chunks of ``tokens`` under ``namespace`` (or its digest)."""
+        if isinstance(namespace, Namespace):
+            self.codecs.note_namespace(namespace)
         return chunk_keys(namespace, tokens, self.chunk_size)
+
+    def note_namespace(self, namespace: Namespace) -> None:
+        """Tell the codecs ``namespace``'s element type, for a connector that derives keys by
+        digest (a chunk whose namespace is not known is stored raw)."""
+        self.codecs.note_namespace(namespace)
 
     # -- lookup ------------------------------------------------------------------------------------
 

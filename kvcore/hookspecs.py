@@ -27,6 +27,12 @@ def kvcore_register_eviction_policies(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def kvcore_register_codecs(register: Callable[..., None]) -> None:
+    """Register chunk codecs for tiers below memory: ``register(name, factory)``,
+    factory() -> Codec (chosen per tier, for example ``KVCORE_LMDB_CODEC=NAME``)."""
+
+
+@hookspec
 def kvcore_register_attachments(register: Callable[..., None]) -> None:
     """Register attachments: ``register(name, factory)``, factory(CacheEngine) -> Attachment or
     None (off); started with every engine, closed before its tiers."""

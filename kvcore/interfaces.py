@@ -64,6 +64,10 @@ class Tier(ABC):
     name: str = "tier"
     framed: bool = True
     """True when the engine should frame values (every tier except in-process memory)."""
+    codec: str = "none"
+    """The codec the engine encodes this tier's chunks with (a name registered through
+    ``kvcore_register_codecs``; ``"none"`` stores raw bytes). Tiers set it from their settings,
+    for example ``KVCORE_LMDB_CODEC``."""
     _notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Observer from :attr:`TierContext.notify`; a tier that sets it reports through
     :meth:`_emit`."""
@@ -198,6 +202,41 @@ class EvictionPolicy(ABC):
 
     def __len__(self) -> int:
         return 0
+
+
+class CodecError(ValueError):
+    """Encoded bytes that do not decode (truncated, foreign, out of bounds): the chunk is a
+    miss."""
+
+
+class Codec(ABC):
+    """Turns a chunk's raw KV bytes into fewer bytes for a tier below memory, and back.
+
+    The engine frames what :meth:`encode` returns (the frame records the codec's name and the
+    raw length, and its checksum covers the encoded bytes) and calls :meth:`decode` only on
+    bytes whose checksum verified. A lossy codec's decoded bytes differ from the raw ones; it
+    must say so (:attr:`lossy`), and ``decode(encode(x))`` must be deterministic, so a verifier
+    can compare a loaded chunk with the codec applied to freshly computed KV. Thread-safe.
+    """
+
+    name: str = "codec"
+    lossy: bool = False
+
+    @abstractmethod
+    def encode(self, raw: memoryview, dtype: str) -> Buffer | None:
+        """The encoded form of ``raw`` (KV elements of ``dtype``, such as ``"bfloat16"``), or
+        ``None`` when this codec does not apply (an unsupported dtype, no gain): the chunk is
+        then stored raw."""
+
+    @abstractmethod
+    def decode(self, encoded: memoryview, raw_nbytes: int) -> Buffer:
+        """The ``raw_nbytes`` bytes ``encoded`` stands for; :class:`CodecError` when it does
+        not decode to exactly that many. ``encoded`` is untrusted until it decodes: bound every
+        size it declares before allocating."""
+
+
+CodecFactory = Callable[[], Codec]
+"""``factory()``: a codec instance (registered through ``kvcore_register_codecs``)."""
 
 
 @dataclass

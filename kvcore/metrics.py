@@ -25,6 +25,10 @@ CATALOGUE: dict[str, str] = {
     "write_behind_dropped_total": "Chunks not copied to a lower tier (write-behind queue full).",
     "bytes_stored_total": "Chunk bytes a tier accepted, by tier.",
     "bytes_loaded_total": "Chunk bytes loaded, by tier.",
+    "bytes_written_total": "Bytes a lower tier accepted as stored (framed, after its codec), "
+                           "by tier.",
+    "codec_encode_seconds": "Time to encode one chunk for a lower tier, by codec.",
+    "codec_decode_seconds": "Time to decode one chunk read from a lower tier, by codec.",
     "promoted_chunks_total": "Chunks read from a lower tier into memory, by source tier.",
     "chunks_admitted_total": "Chunks a tier admitted, by tier (reported by tiers).",
     "evictions_total": "Chunks evicted (or deleted), by tier.",

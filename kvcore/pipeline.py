@@ -222,6 +222,8 @@ class Pipeline:
             for key in reserved:
                 memory.abort(key)
             raise
+        if self.stack.codecs is not None:
+            self.stack.codecs.forget(reserved)  # fresh KV: exact, whatever an old copy was
         for key in reserved:
             memory.commit(key)
         self.metrics.inc("stored_chunks_total", len(reserved))

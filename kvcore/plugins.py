@@ -27,7 +27,7 @@ from typing import Any
 import pluggy
 
 from kvcore import hookspecs
-from kvcore.interfaces import AttachmentFactory, ConnectorInfo
+from kvcore.interfaces import AttachmentFactory, CodecFactory, ConnectorInfo
 
 log = logging.getLogger("kvcore.plugins")
 
@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.trace.bench_plugin",
     "kvcore.copy.bench",
     "kvcore.control.plugin",
+    "kvcore.codecs.builtin_codecs",
 )
 
 
@@ -104,6 +105,7 @@ REGISTRATIONS: dict[str, Callable[..., tuple[str, Any]]] = {
     "tiers": _factory("tiers"),
     "eviction_policies": _factory("eviction_policies"),
     "attachments": _factory("attachments"),
+    "codecs": _factory("codecs"),
     "connectors": _connector,
     "settings": _settings_class,
     "benchmarks": _benchmark,
@@ -147,6 +149,7 @@ class PluginRegistry:
         self.tiers: dict[str, Callable[..., Any]] = {}
         self.eviction_policies: dict[str, Callable[..., Any]] = {}
         self.attachments: dict[str, AttachmentFactory] = {}
+        self.codecs: dict[str, CodecFactory] = {}
         self.connectors: dict[str, ConnectorInfo] = {}
         self.settings: dict[str, type] = {}
         self.benchmarks: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
@@ -263,6 +266,10 @@ class PluginRegistry:
 
     def policy_factory(self, name: str) -> Callable[..., Any]:
         return _lookup(self.eviction_policies, name, "eviction policy", "KVCORE_EVICTION", self)
+
+    def codec_factory(self, name: str, variable: str) -> CodecFactory:
+        """The factory of codec ``name``, configured by ``variable`` (named in the error)."""
+        return _lookup(self.codecs, name, "codec", variable, self)
 
     def failed(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error]

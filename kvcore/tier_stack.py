@@ -20,22 +20,36 @@ from typing import Any
 
 from kvcore import chunk_format
 from kvcore.background import lower_priority
+from kvcore.codecs.context import CodecContext
 from kvcore.failures import FailureLog
-from kvcore.interfaces import MemoryTier, Tier
+from kvcore.interfaces import Buffer, Codec, MemoryTier, Tier
 from kvcore.keys import ChunkKey, Namespace, key_namespace
 from kvcore.metrics import Metrics
 
 log = logging.getLogger("kvcore.engine")
 
 
-class LowerTier:
-    """A tier below memory, with bounded waits, framing, and once-per-kind error logging."""
+class UnknownCodec(LookupError):
+    """A chunk encoded by a codec this process does not have: a miss, but kept."""
 
-    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0) -> None:
+
+class LowerTier:
+    """A tier below memory, with bounded waits, framing (and the tier's codec), and
+    once-per-kind error logging."""
+
+    def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0,
+                 codec: Codec | None = None, codecs: CodecContext | None = None,
+                 max_raw_bytes: int = chunk_format.MAX_CODED_RAW_BYTES) -> None:
+        """``codec`` encodes what this tier stores (``None``: raw); ``codecs`` decodes what it
+        holds (any registered codec) and knows each namespace's element type;
+        ``max_raw_bytes`` bounds the raw size an encoded frame may claim (the memory budget)."""
         self.tier = tier
         self.name = tier.name
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.codec = codec if tier.framed else None
+        self.codecs = codecs
+        self.max_raw_bytes = max_raw_bytes
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}",
                                         initializer=lower_priority, initargs=(nice,))
         self.failures = FailureLog(log, "treated as a miss", prefix=f"kvcore tier {tier.name}: ",
@@ -60,37 +74,89 @@ class LowerTier:
         found = self.call("contains", self.tier.contains, list(keys), default=None)
         return list(found) if found is not None and len(found) == len(keys) else [False] * len(keys)
 
-    def get_verified(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
-        """Payloads of ``keys`` (None for a miss); corrupted values are deleted."""
+    def get_decoded(self, keys: Sequence[ChunkKey]) -> list[tuple[memoryview, str] | None]:
+        """Raw payloads of ``keys`` with the codec each was stored with (None for a miss).
+        A value that fails its checksum or does not decode is deleted; one written with a
+        codec unknown here is a miss but kept (an engine that has the codec can read it)."""
         values = self.call("get", self.tier.get, list(keys), default=None)
         if values is None or len(values) != len(keys):
             return [None] * len(keys)
-        out: list[memoryview | None] = []
+        out: list[tuple[memoryview, str] | None] = []
         corrupt: list[ChunkKey] = []
         for key, value in zip(keys, values):
-            payload = chunk_format.decode(key, value) if self.tier.framed else (
-                memoryview(value).cast("B") if value is not None else None
-            )
-            if value is not None and payload is None:
+            try:
+                found = self._payload(key, value) if value is not None else None
+            except UnknownCodec as exc:
+                self.failures.record("decode", exc)
+                found = value = None
+            if value is not None and found is None:
                 corrupt.append(key)
-            if payload is not None:
-                self.metrics.inc("bytes_loaded_total", payload.nbytes, self.name)
-            out.append(payload)
+            if found is not None:
+                self.metrics.inc("bytes_loaded_total", found[0].nbytes, self.name)
+            out.append(found)
         if corrupt:
             self.metrics.inc("corrupt_chunks_total", len(corrupt), self.name)
             self.failures.record("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
             self.call("delete", self.tier.delete, corrupt, default=0)
         return out
 
+    def get_verified(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
+        """Raw payloads of ``keys`` (None for a miss), as :meth:`get_decoded`."""
+        return [found[0] if found is not None else None for found in self.get_decoded(keys)]
+
+    def _payload(self, key: ChunkKey, value: Buffer) -> tuple[memoryview, str] | None:
+        """The raw payload of one stored value and its codec; None when it is not intact."""
+        if not self.tier.framed:
+            return memoryview(value).cast("B"), chunk_format.RAW_CODEC
+        frame = chunk_format.open_frame(key, value)
+        if frame is None:
+            return None
+        if frame.codec == chunk_format.RAW_CODEC:
+            return frame.data, frame.codec
+        codec = self.codecs.by_name(frame.codec) if self.codecs is not None else None
+        if codec is None:
+            raise UnknownCodec(f"codec {frame.codec!r} is not installed here")
+        if frame.raw_nbytes > self.max_raw_bytes:
+            return None
+        started = time.perf_counter()
+        try:
+            raw = memoryview(codec.decode(frame.data, frame.raw_nbytes)).cast("B")
+        except Exception as exc:  # noqa: BLE001 - data that does not decode is corrupt
+            self.failures.record("decode", exc)
+            return None
+        self.metrics.observe("codec_decode_seconds", time.perf_counter() - started, frame.codec)
+        return (raw, frame.codec) if raw.nbytes == frame.raw_nbytes else None
+
+    def _frame(self, key: ChunkKey, view: memoryview, tokens: int) -> list[Buffer]:
+        """The stored form of one raw payload: encoded with this tier's codec when the chunk's
+        element type is known and the codec makes it smaller, else raw."""
+        if not self.tier.framed:
+            return [view]
+        dtype = self.codecs.dtype_of(key) if self.codecs is not None else None
+        if self.codec is None or dtype is None or view.nbytes > chunk_format.MAX_CODED_RAW_BYTES:
+            return chunk_format.encode(key, view, tokens)
+        started = time.perf_counter()
+        try:
+            encoded = self.codec.encode(view, dtype)
+        except Exception as exc:  # noqa: BLE001 - a codec's failure stores the chunk raw
+            self.failures.record("encode", exc)
+            encoded = None
+        self.metrics.observe("codec_encode_seconds", time.perf_counter() - started,
+                             self.codec.name)
+        if encoded is None or memoryview(encoded).nbytes >= view.nbytes:
+            return chunk_format.encode(key, view, tokens)
+        return chunk_format.encode_coded(key, self.codec.name, encoded, view.nbytes, tokens)
+
     def put(self, items: Sequence[tuple[ChunkKey, memoryview]], tokens: int) -> int:
-        """Store payloads (framed for this tier); return how many it accepted."""
-        framed = [
-            (key, chunk_format.encode(key, view, tokens) if self.tier.framed else [view])
-            for key, view in items
-        ]
+        """Store payloads (framed and encoded for this tier); return how many it accepted."""
+        framed = [(key, self._frame(key, view, tokens)) for key, view in items]
         stored = self.call("put", self.tier.put, framed, default=None)
-        accepted = [v for (_, v), ok in zip(items, stored or []) if ok]
-        self.metrics.inc("bytes_stored_total", sum(v.nbytes for v in accepted), self.name)
+        accepted = [(v, parts) for (_, v), (_, parts), ok in zip(items, framed, stored or [])
+                    if ok]
+        self.metrics.inc("bytes_stored_total", sum(v.nbytes for v, _ in accepted), self.name)
+        self.metrics.inc("bytes_written_total",
+                         sum(memoryview(p).nbytes for _, parts in accepted for p in parts),
+                         self.name)
         return len(accepted)
 
     def close(self) -> None:
@@ -104,10 +170,12 @@ class LowerTier:
 class TierStack:
     """The memory tier and the lower tiers below it, asked fastest first."""
 
-    def __init__(self, memory: MemoryTier, lower: list[LowerTier], metrics: Metrics) -> None:
+    def __init__(self, memory: MemoryTier, lower: list[LowerTier], metrics: Metrics,
+                 codecs: CodecContext | None = None) -> None:
         self.memory = memory
         self.lower = lower
         self.metrics = metrics
+        self.codecs = codecs
 
     @property
     def tiers(self) -> list[Tier]:
@@ -137,12 +205,15 @@ class TierStack:
         for tier in self.lower:
             if not missing:
                 break
-            payloads = tier.get_verified(missing)
+            found = tier.get_decoded(missing)
             still = []
-            for key, payload in zip(missing, payloads):
-                if payload is None:
+            for key, item in zip(missing, found):
+                if item is None:
                     still.append(key)
-                elif self.memory.put_one(key, [payload], parents.get(key)):
+                    continue
+                if self.codecs is not None:
+                    self.codecs.note_loaded(key, item[1])  # before readers can see it
+                if self.memory.put_one(key, [item[0]], parents.get(key)):
                     promoted += 1
                     self.metrics.inc("promoted_chunks_total", label=tier.name)
             missing = still

@@ -44,6 +44,12 @@ class LmdbSettings(PluginSettings):
         description="fsync payload files before indexing them (survive power loss, not only "
         "process crashes); slower.",
     )
+    codec: str = Field(
+        "none",
+        description="Codec of the chunks this tier stores: none (raw bytes), shuffle-zstd "
+        "(lossless; pip install 'kvcore[compression]'), int8 or int4 (lossy group quantization "
+        "of bfloat16/float16 KV), or one a plugin registers. docs/codecs.md has the figures.",
+    )
     check_s: float = Field(
         1.0, gt=0,
         description="Seconds between checks that the index files (data.mdb, lock.mdb) are still "

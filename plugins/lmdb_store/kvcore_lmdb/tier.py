@@ -59,6 +59,7 @@ class LmdbTier(Tier):
         notify: Callable[[str, str, list[ChunkKey]], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.codec = settings.codec
         self.root = Path(settings.path).expanduser()
         self.chunks_dir = self.root / "chunks"
         self.budget = settings.size

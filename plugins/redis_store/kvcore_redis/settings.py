@@ -50,6 +50,12 @@ class RedisSettings(PluginSettings):
             "(126 MiB) twice."
         ),
     )
+    codec: str = Field(
+        "none",
+        description="Codec of the chunks this tier stores: none (raw bytes), shuffle-zstd "
+        "(lossless; pip install 'kvcore[compression]'), int8 or int4 (lossy group quantization "
+        "of bfloat16/float16 KV), or one a plugin registers. docs/codecs.md has the figures.",
+    )
     ttl_s: float = Field(0.0, ge=0, description="Expire chunks after this many seconds (0: never).")
     socket_timeout_s: float = Field(2.0, gt=0, description="Longest wait for one reply.")
     connect_timeout_s: float = Field(1.0, gt=0, description="Longest wait to connect.")

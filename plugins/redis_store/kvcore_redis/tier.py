@@ -56,6 +56,7 @@ class RedisTier(Tier):
     def __init__(self, settings: RedisSettings | None = None, name: str = "redis") -> None:
         self.settings = settings or RedisSettings()
         self.name = name
+        self.codec = self.settings.codec
         self.settings.check()
         self.endpoint: Endpoint = parse_endpoint(self.settings.url.get_secret_value())
         self._secrets = [s for s in (self.endpoint.options.get("password"),

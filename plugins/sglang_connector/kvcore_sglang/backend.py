@@ -136,6 +136,7 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         ns = self._namespaces.get(tenant)
         if ns is None:
             ns = self._namespaces[tenant] = namespace_for(self.shard, self._format, tenant)
+            self.engine.note_namespace(ns)  # its dtype, for the tiers' codecs
         return ns
 
     def _keys(self, keys: Sequence[str], extra_info: Any = None) -> list[ChunkKey]:

@@ -170,7 +170,9 @@ class WorkerSide:
         """The scheduler's keys (rank 0's namespace) in this rank's namespace, same tenant."""
         digest = self._digests.get(tenant)
         if digest is None:
-            digest = self._digests[tenant] = self.namespace.with_tenant(tenant).digest
+            namespace = self.namespace.with_tenant(tenant)
+            self.engine.note_namespace(namespace)  # its dtype, for the tiers' codecs
+            digest = self._digests[tenant] = namespace.digest
         if keys:
             self._rank0_digest[digest] = keys[0][:NAMESPACE_BYTES]
         if keys and keys[0][:NAMESPACE_BYTES] == digest:
