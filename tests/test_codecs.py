@@ -299,3 +299,11 @@ def test_a_third_party_codec_plugs_in_and_a_missing_library_is_named() -> None:
     with pytest.raises(ConfigError, match=r"KVCORE_X_CODEC=needs-lib: needs "
                                           r"kvcore_no_such_library; pip install"):
         engine.codecs.configured("needs-lib", "KVCORE_X_CODEC")
+
+
+def test_doctor_reports_each_codec() -> None:
+    from kvcore.cli.doctor_cmd import codec_info
+
+    info = codec_info()
+    assert info["codecs"]["int8"] == info["codecs"]["shuffle-zstd"] == "ok"
+    assert info["native_quantization"] is native.available()

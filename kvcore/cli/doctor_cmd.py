@@ -1,5 +1,5 @@
 """``kvcore doctor [--json]``: what this installation can do: configuration, copy backend,
-torch/CUDA, plugins. Exits 2 when the configuration is one the engine would reject."""
+codecs, torch/CUDA, plugins. Exits 2 when the configuration is one the engine would reject."""
 
 from __future__ import annotations
 
@@ -37,6 +37,22 @@ def copy_info() -> dict[str, Any]:
     return backend_info()
 
 
+def codec_info() -> dict[str, Any]:
+    """Each registered codec: usable here, or why not; whether the native kernels are built."""
+    from kvcore.codecs import native
+    from kvcore.plugins import get_registry
+
+    codecs: dict[str, str] = {}
+    for name, factory in sorted(get_registry().codecs.items()):
+        try:
+            factory()
+            codecs[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - doctor reports a codec that cannot load
+            hint = " (pip install 'kvcore[compression]')" if isinstance(exc, ImportError) else ""
+            codecs[name] = f"{type(exc).__name__}: {exc}{hint}"
+    return {"codecs": codecs, "native_quantization": native.available()}
+
+
 def plugin_errors() -> list[dict[str, str]]:
     from kvcore.plugins import get_registry
 
@@ -59,7 +75,7 @@ def configuration_error() -> str | None:
 def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
               "configuration_error": configuration_error(),
-              "copy_backend": copy_info(), "torch": torch_info(),
+              "copy_backend": copy_info(), "codecs": codec_info(), "torch": torch_info(),
               "plugin_errors": plugin_errors()}
     status = 2 if report["configuration_error"] else 0
     if args.json:
@@ -75,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
           f"cuda: {copy.get('cuda')}, threads: {copy.get('cpu_threads')})")
     for lib, err in copy.get("errors", {}).items():
         print(f"              {lib}: {err}")
+    codecs = report["codecs"]
+    built = "built" if codecs["native_quantization"] else "not built (numpy fallback)"
+    print(f"codecs        native quantization {built}")
+    for name, state in codecs["codecs"].items():
+        print(f"              {name}: {state}")
     if torch["installed"]:
         cuda = ", ".join(torch.get("devices", [])) or "no GPU"
         print(f"torch         {torch['version']} (CUDA build: {torch['cuda_build']}; {cuda})")

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         by_mode = {}
         for mode in ("sync", "async"):
             print(f"== {tier}: {mode} loads", file=sys.stderr, flush=True)
-            with _tier_env(tier, args.redis_nice) as env:  # a fresh store for each run
+            with TierEnv(tier, args.redis_nice) as env:  # a fresh store for each run
                 by_mode[mode] = _run_child(model, tier, mode, args, env)
         sync, asyn = by_mode["sync"], by_mode["async"]
         while_loading = asyn["window_s"][:-1] or asyn["window_s"]
@@ -71,12 +71,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-class _tier_env:
-    """Environment of a child run for one lower tier (starts redis-server for ``redis``)."""
+class TierEnv:
+    """Environment of a child run for one lower tier, in a fresh store (starts redis-server
+    for ``redis``; ``extra`` adds variables, for example the tier's codec)."""
 
-    def __init__(self, tier: str, redis_nice: int = 0) -> None:
+    def __init__(self, tier: str, redis_nice: int = 0,
+                 extra: dict[str, str] | None = None) -> None:
         self.tier = tier
         self.redis_nice = redis_nice
+        self.extra = extra or {}
         self.server: Any = None
         self.tmp = tempfile.TemporaryDirectory(prefix="kvcore-stall-")
 
@@ -96,7 +99,7 @@ class _tier_env:
             env["KVCORE_REDIS_SIZE"] = "1GiB"
         else:
             raise ValueError(f"--tiers: unknown tier {self.tier!r} (lmdb or redis)")
-        return env
+        return {**env, **self.extra}
 
     def __exit__(self, *exc: object) -> None:
         if self.server is not None:
