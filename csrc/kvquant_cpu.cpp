@@ -10,6 +10,12 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#define KVQUANT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KVQUANT_CLONES
+#endif
+
 namespace {
 
 inline float bf16_to_f32(uint16_t h) {
@@ -37,7 +43,7 @@ inline float round_even(float v) {
 
 extern "C" {
 
-__attribute__((target_clones("avx2", "default")))
+KVQUANT_CLONES
 int kvquant_bf16_encode(const void* src, int64_t count, int bits, int64_t group, float* scales,
                         uint8_t* values) {
   if (!src || !scales || !values || count <= 0 || group <= 0 || (group & 1) ||
@@ -58,8 +64,12 @@ int kvquant_bf16_encode(const void* src, int64_t count, int bits, int64_t group,
       nonfinite |= !(a <= 3.4e38f);
     }
     if (nonfinite) return -2;
-    const float scale = absmax / qmax;
-    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    float scale = absmax / qmax;
+    float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    if (!(inverse <= 3.4e38f)) { /* a group of values below ~1e-36: stored as zeros */
+      scale = 0.0f;
+      inverse = 0.0f;
+    }
     scales[g] = scale;
     if (bits == 8) {
       int8_t* out = reinterpret_cast<int8_t*>(values) + start;
@@ -86,7 +96,7 @@ int kvquant_bf16_encode(const void* src, int64_t count, int bits, int64_t group,
   return 0;
 }
 
-__attribute__((target_clones("avx2", "default")))
+KVQUANT_CLONES
 int kvquant_bf16_decode(const uint8_t* values, const float* scales, int64_t count, int bits,
                         int64_t group, void* dst) {
   if (!values || !scales || !dst || count <= 0 || group <= 0 || (bits != 8 && bits != 4)) {

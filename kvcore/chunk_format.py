@@ -83,7 +83,7 @@ def encode_coded(key: ChunkKey, codec: str, encoded: Buffer, raw_nbytes: int,
     if not 0 < len(name) <= MAX_CODEC_NAME or codec == RAW_CODEC:
         raise ValueError(f"codec name {codec!r}: 1 to {MAX_CODEC_NAME} ASCII characters, "
                          f"not {RAW_CODEC!r}")
-    if not 0 <= raw_nbytes <= MAX_CODED_RAW_BYTES:
+    if not 0 < raw_nbytes <= MAX_CODED_RAW_BYTES:
         raise ValueError(f"an encoded frame holds at most {MAX_CODED_RAW_BYTES} raw bytes")
     view = memoryview(encoded).cast("B")
     head = _HEAD.pack(MAGIC, CODED_VERSION, len(name), key, tokens, raw_nbytes,
@@ -108,7 +108,7 @@ def open_frame(key: ChunkKey, blob: Buffer | None) -> Frame | None:
         if checksum(head, payload) != stored_sum:
             return None
         return Frame(RAW_CODEC, payload, payload.nbytes)
-    if version != CODED_VERSION or not 0 < flags <= min(MAX_CODEC_NAME, length):
+    if version != CODED_VERSION or not 0 < flags <= min(MAX_CODEC_NAME, length) or not reserved:
         return None
     if checksum(head, payload) != stored_sum:
         return None

@@ -117,6 +117,9 @@ class WriteBehind:
 
     def _write(self, keys: list[ChunkKey]) -> None:
         memory = self.stack.memory
+        codecs = self.stack.codecs
+        if codecs is not None:  # replaced meanwhile by a lossy load: not what was computed
+            keys = [k for k in keys if codecs.loaded_codec(k) is None]
         views = memory.acquire(keys)
         held = [(k, v) for k, v in zip(keys, views) if v is not None]
         try:

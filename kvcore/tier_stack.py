@@ -12,7 +12,9 @@ its own beyond each lower tier's call pool: the asynchronous work lives in
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,6 +29,13 @@ from kvcore.keys import ChunkKey, Namespace, key_namespace
 from kvcore.metrics import Metrics
 
 log = logging.getLogger("kvcore.engine")
+
+
+MAX_UNREADABLE = 4096
+MAX_EXPANSION = 256
+"""An encoded chunk may claim at most this many raw bytes per stored byte (KV compresses to
+half with int8, a quarter with int4, two thirds losslessly; this bound only stops a small
+value from making a decoder allocate gigabytes)."""
 
 
 class UnknownCodec(LookupError):
@@ -50,6 +59,9 @@ class LowerTier:
         self.codec = codec if tier.framed else None
         self.codecs = codecs
         self.max_raw_bytes = max_raw_bytes
+        self._unreadable: OrderedDict[bytes, None] = OrderedDict()
+        """Keys held in a codec not installed here (bounded): misses, not hits, to lookups."""
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvcore-{tier.name}",
                                         initializer=lower_priority, initargs=(nice,))
         self.failures = FailureLog(log, "treated as a miss", prefix=f"kvcore tier {tier.name}: ",
@@ -72,7 +84,11 @@ class LowerTier:
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         found = self.call("contains", self.tier.contains, list(keys), default=None)
-        return list(found) if found is not None and len(found) == len(keys) else [False] * len(keys)
+        if found is None or len(found) != len(keys):
+            return [False] * len(keys)
+        with self._lock:
+            return [bool(hit) and bytes(key) not in self._unreadable
+                    for key, hit in zip(keys, found)]
 
     def get_decoded(self, keys: Sequence[ChunkKey]) -> list[tuple[memoryview, str] | None]:
         """Raw payloads of ``keys`` with the codec each was stored with (None for a miss).
@@ -88,6 +104,10 @@ class LowerTier:
                 found = self._payload(key, value) if value is not None else None
             except UnknownCodec as exc:
                 self.failures.record("decode", exc)
+                with self._lock:  # a miss for this engine from now on, kept for the others
+                    self._unreadable[bytes(key)] = None
+                    while len(self._unreadable) > MAX_UNREADABLE:
+                        self._unreadable.popitem(last=False)
                 found = value = None
             if value is not None and found is None:
                 corrupt.append(key)
@@ -116,8 +136,8 @@ class LowerTier:
         codec = self.codecs.by_name(frame.codec) if self.codecs is not None else None
         if codec is None:
             raise UnknownCodec(f"codec {frame.codec!r} is not installed here")
-        if frame.raw_nbytes > self.max_raw_bytes:
-            return None
+        if frame.raw_nbytes > min(self.max_raw_bytes, MAX_EXPANSION * frame.data.nbytes):
+            return None  # bounded before the decoder allocates it
         started = time.perf_counter()
         try:
             raw = memoryview(codec.decode(frame.data, frame.raw_nbytes)).cast("B")
@@ -216,6 +236,8 @@ class TierStack:
                 if self.memory.put_one(key, [item[0]], parents.get(key)):
                     promoted += 1
                     self.metrics.inc("promoted_chunks_total", label=tier.name)
+                elif self.codecs is not None:
+                    self.codecs.forget([key])  # not ours: what memory holds is a fresh store
             missing = still
         return promoted
 

@@ -115,6 +115,21 @@ def test_int8_error_is_within_half_a_step_of_each_group(dtype: str) -> None:
     assert err.max() > 0  # lossy: not a copy
 
 
+def test_groups_of_tiny_values_quantize_to_zero_in_both_paths() -> None:
+    codec = GroupQuantCodec("int8", 8, 64)
+    values = np.full(128, 1e-38, np.float32)
+    values[64:] = 3.0
+    raw = bf16(values)
+    encoded = np.frombuffer(bytes(codec.encode(memoryview(raw), "bfloat16")), np.uint8)
+    scales = np.empty(2, np.float32)
+    quantized = np.empty(128, np.uint8)
+    assert codec._encode_numpy(raw, "bfloat16", scales, quantized)
+    assert encoded[HEAD.size:HEAD.size + 8].view(np.float32).tolist() == scales.tolist()
+    assert scales[0] == 0 and encoded[HEAD.size + 8:].tobytes() == quantized.tobytes()
+    out = np.frombuffer(codec.decode(memoryview(encoded), raw.nbytes), np.uint8)
+    assert not out[:128].any() and out[128:].tobytes() == raw[128:].tobytes()
+
+
 def test_quantizers_store_raw_what_they_cannot_encode() -> None:
     codec = GroupQuantCodec("int8", 8, 64)
     values = np.ones(256, np.float32)
@@ -244,6 +259,7 @@ def test_corrupt_and_uninstalled_codec_frames_are_misses() -> None:
             assert len(lease) == 0
         assert engine.metrics.get("corrupt_chunks_total", "disk") == 1
         assert lower.contains(keys) == [True, False]  # type: ignore[attr-defined]
+        assert engine.lookup(keys).chunks == 0  # kept, but no longer a hit for this engine
     finally:
         engine.close()
 

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 RAW = "none"
 MAX_NAMESPACES = 4096
 MAX_LOSSY_NOTES = 65536
+"""Chunks remembered as loaded through a lossy codec. Beyond it the oldest are forgotten: a
+verifier then compares such a chunk with the raw recompute, may count it a mismatch and replaces
+it with fresh KV (never a wrong load; a reload at worst)."""
 
 
 class _Bounded(OrderedDict[bytes, str]):
@@ -59,24 +62,28 @@ class CodecContext:
         if name == RAW:
             return None
         factory = self.registry.codec_factory(name, variable)
-        if name not in self._codecs:
-            try:
-                self._codecs[name] = factory()
-            except ImportError as exc:
-                raise ConfigError(f"{variable}={name}: needs {exc.name or 'a library'}; "
-                                  "pip install 'kvcore[compression]'") from exc
-        return self._codecs[name]
+        with self._lock:
+            if self._codecs.get(name) is None:
+                try:
+                    self._codecs[name] = factory()
+                except ImportError as exc:
+                    raise ConfigError(f"{variable}={name}: needs {exc.name or 'a library'}; "
+                                      "pip install 'kvcore[compression]'") from exc
+            return self._codecs[name]
 
     def by_name(self, name: str) -> Codec | None:
         """The codec that wrote a frame (any registered one: another engine may have chosen
         it), or ``None`` when it is unknown here or cannot load."""
-        if name not in self._codecs:
-            factory = self.registry.codecs.get(name)
-            try:
-                self._codecs[name] = factory() if factory is not None else None
-            except Exception:  # noqa: BLE001 - a codec that cannot load reads as a miss
-                self._codecs[name] = None
-        return self._codecs[name]
+        factory = self.registry.codecs.get(name)
+        if factory is None:
+            return None  # a name read from a tier: never cached (unbounded), never built
+        with self._lock:
+            if name not in self._codecs:
+                try:
+                    self._codecs[name] = factory()
+                except Exception:  # noqa: BLE001 - a codec that cannot load reads as a miss
+                    self._codecs[name] = None
+            return self._codecs[name]
 
     # -- element types -------------------------------------------------------------------------
 
@@ -97,9 +104,11 @@ class CodecContext:
     def note_loaded(self, key: ChunkKey, codec: str) -> None:
         """``key`` entered memory decoded by ``codec`` (only lossy ones are remembered)."""
         found = self.by_name(codec)
-        if found is not None and found.lossy:
-            with self._lock:
+        with self._lock:
+            if found is not None and found.lossy:
                 self._lossy.put(bytes(key), codec)
+            else:
+                self._lossy.pop(bytes(key), None)
 
     def forget(self, keys: list[ChunkKey]) -> None:
         """``keys`` were stored afresh: their memory copies are exact again."""

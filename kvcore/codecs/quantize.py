@@ -92,7 +92,11 @@ class GroupQuantCodec(Codec):
             return False  # inf or NaN in the KV: store it raw
         np.divide(absmax, np.float32(self.qmax), out=scales)
         inverse = np.zeros_like(scales)
-        np.divide(np.float32(1.0), scales, out=inverse, where=scales > 0)
+        with np.errstate(divide="ignore", over="ignore"):
+            np.divide(np.float32(1.0), scales, out=inverse, where=scales > 0)
+        tiny = ~np.isfinite(inverse)  # a group of values below ~1e-36: stored as zeros
+        scales[tiny] = 0
+        inverse[tiny] = 0
         q = np.rint(grouped * inverse[:, None]).reshape(-1)[:count]
         np.clip(q, -self.qmax, self.qmax, out=q)
         q8 = q.astype(np.int8)

@@ -32,14 +32,20 @@ def _lower(engine: CacheEngine, tier: str) -> Any:
 
 def read_leading(engine: CacheEngine, tier: str, keys: Sequence[ChunkKey],
                  max_bytes: int | None = None) -> list[tuple[ChunkKey, bytes]]:
-    """The leading run of ``keys`` held in ``tier``, with their payloads."""
+    """The leading run of ``keys`` held in ``tier``, with their payloads. A chunk that came
+    through a lossy codec ends the run: its bytes are not the KV that was computed, and a copy
+    elsewhere would pass them off as exact."""
+    lossy: list[bool]
     if tier == engine.memory.name:
         values: Sequence[Any] = engine.memory.get(keys)
+        lossy = [engine.codecs.loaded_codec(k) is not None for k in keys]
     else:
-        values = _lower(engine, tier).get_verified(keys)
+        found = _lower(engine, tier).get_decoded(keys)
+        values = [f[0] if f is not None else None for f in found]
+        lossy = [f is not None and _is_lossy(engine, f[1]) for f in found]
     out, total = [], 0
-    for key, value in zip(keys, values):
-        if value is None:
+    for key, value, from_lossy in zip(keys, values, lossy):
+        if value is None or from_lossy:
             break
         payload = bytes(value)
         total += len(payload)
@@ -48,6 +54,11 @@ def read_leading(engine: CacheEngine, tier: str, keys: Sequence[ChunkKey],
                                "(KVCORE_CONTROLLER_MAX_TRANSFER_BYTES)")
         out.append((key, payload))
     return out
+
+
+def _is_lossy(engine: CacheEngine, codec: str) -> bool:
+    found = engine.codecs.by_name(codec)
+    return found is not None and found.lossy
 
 
 def write_chunks(engine: CacheEngine, tier: str, items: Sequence[tuple[ChunkKey, bytes]]) -> int:

@@ -2,7 +2,7 @@
 
 One real vLLM engine with SmolLM2-135M-Instruct and kvcore, tiers ``cpu`` and the lower tiers of
 ``--ttft-tiers`` (LMDB, and Redis on a redis-server the bench starts). For each document of real
-text (whole chunks plus one token, 7,937 tokens by default; the first only warms up):
+text (whole chunks plus one token, 7,937 tokens by default; a short one before them only warms up):
 
 - **cold**: computed and stored once (a prefill of 8K tokens takes minutes on this CPU, so it
   is not repeated per codec);
@@ -43,13 +43,15 @@ def run(args: argparse.Namespace, model: Path, documents: list[list[int]]) -> di
     codecs = [c for c in args.ttft_codecs.split(",") if c]
     if codecs[:1] != ["none"]:
         raise SystemExit("--ttft-codecs: start with none (the baseline of the ratios)")
+    if len(documents) < 2:
+        raise SystemExit("--ttft-repeats: at least 1 (the first document only warms up)")
     env = {"KVCORE_TIERS": ",".join(["cpu", *tiers]), "KVCORE_CPU_SIZE": "3GiB"}
     with contextlib.ExitStack() as stack:
         for tier in tiers:  # a fresh store of each (redis-server started for redis)
             env.update({k: v for k, v in stack.enter_context(TierEnv(tier)).items()
                         if k != "KVCORE_TIERS" and k != "KVCORE_CPU_SIZE"})
         measured = _child_run(model, documents, tiers, codecs, env, args.timeout_s)
-    report: dict[str, Any] = {"document_tokens": len(documents[0]),
+    report: dict[str, Any] = {"document_tokens": len(documents[1]),
                               "repeats": len(documents) - 1, "tiers": {}}
     for tier in tiers:
         rows = {}
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace, model: Path, documents: list[list[int]]) -> di
                 "cached_tokens_min": min(row["cached_tokens"]),
                 "bytes_written": sum(row["bytes_written"]),
                 "bytes_stored_raw": sum(row["bytes_raw"]),
-                "corrupt_chunks": row["corrupt_chunks"],
+                "corrupt_chunks": sum(row["corrupt_chunks"]),
             }
         for row in rows.values():
             row["lower_hit_vs_none"] = row["lower_hit_s"] / rows["none"]["lower_hit_s"]
@@ -76,7 +78,8 @@ def _child_run(model: Path, documents: list[list[int]], tiers: list[str], codecs
                env: dict[str, str], timeout_s: float) -> dict[str, Any]:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("KVCORE_")}
     child_env.update(env, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_NUM_OF_RESERVED_CPU="1",
-                     TOKENIZERS_PARALLELISM="false", KVCORE_VERIFY_SAMPLE="0")
+                     TOKENIZERS_PARALLELISM="false", KVCORE_VERIFY_SAMPLE="0",
+                     KVCORE_CHUNK_SIZE=os.environ.get("KVCORE_CHUNK_SIZE", "256"))
     with tempfile.TemporaryDirectory(prefix="kvcore-ttft-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"model": str(model), "documents": documents,
@@ -128,11 +131,17 @@ def _child(spec_path: str, out_path: str) -> None:
             time.sleep(0.05)
         raise RuntimeError("vLLM kept its prefix cache: the hit would not come from kvcore")
 
+    def counter(name: str) -> float:
+        return sum(engine.metrics.snapshot()["counters"].get(name, {}).values())
+
     def written() -> float:
-        return sum(engine.metrics.snapshot()["counters"].get("bytes_written_total", {}).values())
+        return counter("bytes_written_total")
+
+    def corrupt() -> float:
+        return counter("corrupt_chunks_total")
 
     result: dict[str, Any] = {"cold_s": []}
-    for i, doc in enumerate(documents):  # the first document warms every path up
+    for i, doc in enumerate(documents):  # the first (short) document warms every path up
         before = set(engine.memory.iter_keys())
         cold, cold_token, _ = generate(doc)
         new = [k for k in engine.memory.iter_keys() if k not in before]
@@ -147,7 +156,7 @@ def _child(spec_path: str, out_path: str) -> None:
                     lower.tier.delete(keys)
                 lower = lowers[tier]
                 lower.codec = engine.codecs.configured(name, "--ttft-codecs")
-                start_written = written()
+                start_written, start_corrupt = written(), corrupt()
                 items = [(k, memoryview(v)) for k, v in held]
                 if lower.put(items, engine.chunk_size) != len(keys):
                     raise RuntimeError(f"{tier} refused chunks")
@@ -161,7 +170,7 @@ def _child(spec_path: str, out_path: str) -> None:
                 row = result.setdefault(f"{tier}:{name}", {
                     "lower_hit_s": [], "memory_hit_s": [], "cold_equals_lower_hit": [],
                     "lower_equals_memory_hit": [], "cached_tokens": [], "bytes_written": [],
-                    "bytes_raw": []})
+                    "bytes_raw": [], "corrupt_chunks": []})
                 row["lower_hit_s"].append(lower_s)
                 row["memory_hit_s"].append(memory_s)
                 row["cold_equals_lower_hit"].append(cold_token == lower_token)
@@ -169,8 +178,7 @@ def _child(spec_path: str, out_path: str) -> None:
                 row["cached_tokens"].append(lower_cached)
                 row["bytes_written"].append(written() - start_written)
                 row["bytes_raw"].append(sum(map(len, raw)))
-                row["corrupt_chunks"] = sum(engine.metrics.snapshot()["counters"].get(
-                    "corrupt_chunks_total", {}).values())
+                row["corrupt_chunks"].append(corrupt() - start_corrupt)
     Path(out_path).write_text(json.dumps(result))
 
 
