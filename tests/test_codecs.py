@@ -323,3 +323,23 @@ def test_doctor_reports_each_codec() -> None:
     info = codec_info()
     assert info["codecs"]["int8"] == info["codecs"]["shuffle-zstd"] == "ok"
     assert info["native_quantization"] is native.available()
+
+
+@pytest.mark.parametrize("codec,exported", [("int8", 0), ("shuffle-zstd", 2)])
+def test_export_stops_at_lossy_chunks(codec: str, exported: int) -> None:
+    from kvcore.control.commands import read_leading
+
+    engine, _lower = engine_with(codec)
+    try:
+        keys = engine.keys_for(Namespace("export", dtype="bfloat16"), range(2 * CHUNK))
+        payloads = [kv_like(4096, seed=i).tobytes() for i in range(2)]
+        assert engine.store_buffers(keys, payloads).wait(5) == 2
+        assert engine.flush(10)
+        assert len(read_leading(engine, "cpu", keys)) == 2  # fresh in memory: exact
+        assert len(read_leading(engine, "disk", keys)) == exported
+        engine.clear(tier="cpu")
+        with engine.acquire(keys) as lease:
+            assert len(lease) == 2  # loads work either way
+        assert len(read_leading(engine, "cpu", keys)) == exported
+    finally:
+        engine.close()
