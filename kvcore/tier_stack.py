@@ -173,6 +173,11 @@ class LowerTier:
         stored = self.call("put", self.tier.put, framed, default=None)
         accepted = [(v, parts) for (_, v), (_, parts), ok in zip(items, framed, stored or [])
                     if ok]
+        if self._unreadable:
+            with self._lock:  # rewritten by this engine: readable here again
+                for (key, _), ok in zip(items, stored or []):
+                    if ok:
+                        self._unreadable.pop(bytes(key), None)
         self.metrics.inc("bytes_stored_total", sum(v.nbytes for v, _ in accepted), self.name)
         self.metrics.inc("bytes_written_total",
                          sum(memoryview(p).nbytes for _, parts in accepted for p in parts),
