@@ -289,7 +289,7 @@ def _child(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     from kvcore_vllm import runtime
-    from kvcore_vllm.testing import drain
+    from kvcore_vllm.testing import drain, reset_prefix_cache
 
     spec = json.loads(Path(spec_path).read_text())
     prompts: list[list[int]] = spec["prompts"]
@@ -308,16 +308,6 @@ def _child(spec_path: str, out_path: str) -> None:
         drain(llm)
         runtime.flush_all(120)
         return list(outputs)
-
-    def reset_prefix_cache() -> None:
-        """Drop vLLM's prefix cache (the next hits come from kvcore), once the blocks that
-        finished requests' stores held are free."""
-        for _ in range(100):
-            drain(llm)
-            if llm.reset_prefix_cache():
-                return
-            time.sleep(0.05)
-        raise RuntimeError("vLLM kept its prefix cache: hits would not come from kvcore")
 
     with runtime._lock:
         engine = next(e for e, _ in runtime._engines.values())
@@ -344,16 +334,16 @@ def _child(spec_path: str, out_path: str) -> None:
                 continue  # lossless: loads are byte-identical (the throughput check)
             started = time.perf_counter()
             _load_as_through(engine, stored, codec, result["dtype"])
-            reset_prefix_cache()
+            reset_prefix_cache(llm)
             outputs = generate(prompts, greedy)
             run: dict[str, Any] = {
                 "outputs": [list(o.outputs[0].token_ids) for o in outputs],
                 "loaded_tokens": sum(int(o.num_cached_tokens or 0) for o in outputs)}
             reference = reference or run["outputs"]
             _load_as_through(engine, stored, codec, result["dtype"])
-            reset_prefix_cache()
+            reset_prefix_cache(llm)
             run["forced_top1"] = _forced_top1(generate, prompts, reference, SamplingParams)
-            reset_prefix_cache()
+            reset_prefix_cache(llm)
             run["held_out"] = _held_out_perplexity(llm, held_out, TokensPrompt, SamplingParams)
             seconds[name] = time.perf_counter() - started
             result["runs"][name] = run

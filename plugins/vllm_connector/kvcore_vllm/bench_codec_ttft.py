@@ -99,7 +99,7 @@ def _child(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     from kvcore_vllm import runtime
-    from kvcore_vllm.testing import drain
+    from kvcore_vllm.testing import drain, reset_prefix_cache
 
     spec = json.loads(Path(spec_path).read_text())
     documents: list[list[int]] = spec["documents"]
@@ -122,14 +122,6 @@ def _child(spec_path: str, out_path: str) -> None:
         drain(llm)
         engine.flush(120)
         return seconds, out.outputs[0].token_ids[0], int(out.num_cached_tokens or 0)
-
-    def reset() -> None:
-        for _ in range(100):
-            drain(llm)
-            if llm.reset_prefix_cache():
-                return
-            time.sleep(0.05)
-        raise RuntimeError("vLLM kept its prefix cache: the hit would not come from kvcore")
 
     def counter(name: str) -> float:
         return sum(engine.metrics.snapshot()["counters"].get(name, {}).values())
@@ -161,9 +153,9 @@ def _child(spec_path: str, out_path: str) -> None:
                 if lower.put(items, engine.chunk_size) != len(keys):
                     raise RuntimeError(f"{tier} refused chunks")
                 engine.clear(tier="cpu")
-                reset()
+                reset_prefix_cache(llm)
                 lower_s, lower_token, lower_cached = generate(doc)
-                reset()
+                reset_prefix_cache(llm)
                 memory_s, memory_token, _ = generate(doc)
                 if not i:
                     continue

@@ -271,6 +271,17 @@ def drain(llm: Any) -> None:
         time.sleep(0.002)
 
 
+def reset_prefix_cache(llm: Any) -> None:
+    """Drop vLLM's prefix cache (the next hits come from kvcore), once the blocks that finished
+    requests' stores held are free; raise when vLLM keeps it."""
+    for _ in range(100):
+        drain(llm)
+        if llm.reset_prefix_cache():
+            return
+        time.sleep(0.05)
+    raise RuntimeError("vLLM kept its prefix cache: hits would not come from kvcore")
+
+
 def _flush_connector() -> None:
     try:
         from kvcore_vllm.runtime import flush_all
