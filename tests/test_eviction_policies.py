@@ -6,13 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvcore.eviction.arc import ARCPolicy
 from kvcore.eviction.lru import LRUPolicy
 from kvcore.eviction.prefix_lru import PrefixLRUPolicy
 from kvcore.eviction.prefix_value import PrefixValuePolicy
+from kvcore.eviction.s3fifo import S3FIFOPolicy
 from kvcore.plugins import get_registry
 from kvcore.tiers.cpu import CpuTier
 
-POLICIES = ["lru", "prefix_lru", "prefix_value"]
+POLICIES = ["lru", "prefix_lru", "prefix_value", "s3fifo", "arc"]
 PREFIX_POLICIES = ["prefix_lru", "prefix_value"]
 
 
@@ -114,3 +116,68 @@ def test_prefix_value_excluded_entry_does_not_lend_its_age() -> None:
     policy.insert(b, 1, None)  # fresh class, stamp 4
     assert policy.victim() == a
     assert policy.victim(exclude={a}) == c  # older than b; the bug returned b
+
+
+@pytest.mark.parametrize("name", ["s3fifo", "arc"])
+def test_chunk_hit_once_survives_a_scan(name: str) -> None:
+    """Both keep a reused chunk through a stream of one-off chunks, which LRU does not (the
+    LRU half of this is in test_prefix_value_protects_hit_prefix_from_scan)."""
+    tier = make_tier(name, 20)
+    store_chain(tier, [1, 2, 3])
+    tier.touch([key(1), key(2), key(3)])
+    for start in range(1000, 1600, 3):
+        store_chain(tier, [start, start + 1, start + 2])
+    assert tier.contains([key(1), key(2), key(3)]) == [True, True, True]
+    assert tier.usage().used_bytes <= tier.usage().budget_bytes
+
+
+def test_s3fifo_one_off_chunks_leave_before_main() -> None:
+    policy = S3FIFOPolicy(small_share=0.25)
+    for i in range(4):
+        policy.insert(key(i), 8, None)
+    policy.touch(key(0))
+    # key 0 was hit on probation: it moves to main, and the next new chunk is the victim
+    assert policy.victim() == key(1)
+    policy.remove(key(1))
+    assert key(1) in policy._ghost
+    assert policy.victim(exclude={key(2)}) == key(3)
+    # a ghost stored again skips probation
+    policy.insert(key(1), 8, None)
+    assert key(1) in policy._main and key(1) not in policy._ghost
+    assert len(policy) == 4
+
+
+def test_s3fifo_hit_main_chunk_goes_round_again() -> None:
+    policy = S3FIFOPolicy(small_share=0.5)
+    for i in range(2):
+        policy.insert(key(i), 8, None)
+        policy.touch(key(i))
+    assert policy.victim() == key(0)  # both promoted, then key 0 is main's oldest, unhit
+    policy.touch(key(0))
+    assert policy.victim() == key(1)
+    policy.remove(key(5))  # unknown keys are ignored
+    policy.remove(key(1))
+    assert key(1) not in policy._ghost  # main's victims leave no ghost
+    assert policy.victim({key(0)}) is None
+
+
+def test_arc_ghost_hits_move_the_target() -> None:
+    policy = ARCPolicy()
+    for i in range(4):
+        policy.insert(key(i), 8, None)
+    policy.touch(key(3))  # T2 = [3], T1 = [0, 1, 2]
+    assert policy.victim() == key(0)
+    policy.remove(key(0))  # evicted: remembered in B1
+    policy.insert(key(0), 8, None)  # asked again: recency was evicted too early
+    assert policy.target >= 1
+    assert policy.victim() == key(1)  # T1 (1, 2) is larger than the target
+    policy.remove(key(1))
+    before = policy.target
+    policy.touch(key(2))  # T1 empty: victims now come from T2, least recent first
+    assert policy.victim() == key(3)
+    policy.remove(key(3))  # remembered in B2
+    policy.insert(key(3), 8, None)
+    assert policy.target < max(before, 1.0)
+    assert policy.victim(exclude={key(0), key(2), key(3)}) is None
+    policy.remove(key(0))  # a delete, not an eviction: no ghost
+    assert len(policy) == 2

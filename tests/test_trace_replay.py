@@ -11,7 +11,7 @@ from kvcore.cli.main import main
 from kvcore.trace.belady import belady_hits
 from kvcore.trace.format import TraceError, load_trace, parse_trace
 from kvcore.trace.replay import prepare, replay, to_keys
-from kvcore.trace.synth import conversations, documents, to_jsonl
+from kvcore.trace.synth import conversations, documents, sessions, to_jsonl
 from kvcore.trace.truncate import Truncation, request_blocks
 
 
@@ -91,3 +91,40 @@ def test_cli_malformed_record_names_line(tmp_path: Path,
     assert main(["trace", "replay", "--trace", str(path), "--capacity-blocks", "4"]) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and str(path) in err
+
+
+def test_sessions_shape_one_off_and_returning() -> None:
+    """Most blocks of the session trace are never asked again, and sessions come back after
+    long gaps carrying their whole history."""
+    reqs = sessions(3000, seed=4)
+    uses: dict[int, int] = {}
+    for r in reqs:
+        for b in r.hash_ids:
+            uses[b] = uses.get(b, 0) + 1
+    assert sum(1 for n in uses.values() if n == 1) > 0.6 * len(uses)
+    last_seen: dict[tuple[int, ...], int] = {}
+    long_returns = 0
+    for t, r in enumerate(reqs):
+        for cut in range(len(r.hash_ids) - 1, 0, -1):
+            earlier = last_seen.get(r.hash_ids[:cut])
+            if earlier is not None:
+                long_returns += t - earlier >= 100
+                break
+        last_seen[r.hash_ids] = t
+    assert long_returns > 100
+    assert sessions(50, seed=4) == reqs[:50]  # deterministic per seed
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "arc", "prefix_value"])
+def test_cli_synth_then_replay_each_policy(policy: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "sessions.jsonl"
+    assert main(["trace", "synth", "sessions", "--requests", "400", "--seed", "2",
+                 "--out", str(path)]) == 0
+    assert len(load_trace(path)) == 400
+    assert main(["trace", "replay", "--trace", str(path), "--capacity-blocks", "200",
+                 "--policy", policy, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"] == policy and out["requests"] == 400
+    assert 0.0 < out["hit_ratio"] <= out["belady_hit_ratio"] + 1e-9
+    assert out["lru_hit_ratio"] > 0.0

@@ -1,15 +1,22 @@
-"""``kvcore trace replay``: replay a Mooncake-format trace through kvcore's engine and policies."""
+"""``kvcore trace replay``: replay a Mooncake-format trace through kvcore's engine and policies;
+``kvcore trace synth``: write a synthetic trace of a chosen shape."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from kvcore.cli.main import print_json
 from kvcore.config import load_settings
-from kvcore.trace.format import TraceError, load_trace
+from kvcore.trace import synth
+from kvcore.trace.format import Request, TraceError, load_trace
 from kvcore.trace.report import compare
 from kvcore.trace.truncate import Truncation
+
+SHAPES: dict[str, Callable[..., list[Request]]] = {
+    "sessions": synth.sessions, "conversations": synth.conversations,
+    "documents": synth.documents}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              "stride-aligned tail (cache-friendly)")
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.set_defaults(func=run_replay)
+    synth = trace_sub.add_parser(
+        "synth", help="write a synthetic Mooncake-format trace of a chosen shape (JSONL)")
+    synth.add_argument("shape", choices=sorted(SHAPES),
+                       help="sessions: returning chats, most one-off; conversations: active "
+                            "multi-turn chats; documents: popular documents and one-off scans")
+    synth.add_argument("--requests", type=int, default=3000, help="requests to generate")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", default="-", help="file to write (default: standard output)")
+    synth.set_defaults(func=run_synth)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -52,4 +68,17 @@ def run_replay(args: argparse.Namespace) -> int:
         for key, value in figures.items():
             shown = f"{value:.4f}" if isinstance(value, float) else value
             print(f"{key:<24} {shown}")
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    if args.requests <= 0:
+        print("kvcore trace synth: --requests must be positive", file=sys.stderr)
+        return 2
+    text = synth.to_jsonl(SHAPES[args.shape](args.requests, seed=args.seed))
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
     return 0
