@@ -5,8 +5,9 @@ Each run of ``group`` consecutive elements gets one float32 scale (its largest m
 ``[-qmax, qmax]``. The quantization is element-wise, so it commutes with any permutation of the
 elements: it works on an engine's opaque block layout as long as the element type is known
 (kvcore takes it from the chunk's :class:`~kvcore.keys.Namespace`, which the connectors build
-from the engine's KV spec). Only consecutive elements share a scale; in every layout kvcore
-stores (vLLM, SGLang) those are one head's values of one token.
+from the engine's KV spec). Only consecutive elements share a scale: in vLLM's CPU layout a
+group of 64 is one K channel over 64 tokens (K is stored channel-major inside a block, which
+gives keys the per-channel scales they need) or one token's V head vector.
 
 Encoded form::
 

@@ -6,17 +6,18 @@ with kvcore over real English text (the Python reference documentation every CPy
 
 - Default: per codec, the compression ratio and encode / decode GB/s on one core (each codec
   runs one thread), and memcpy GB/s of the same chunks in the same run (the baseline).
-- ``--quality``: one engine per codec (``none`` and each lossy codec), with tiers ``cpu,lmdb``
-  and ``KVCORE_LMDB_CODEC`` set. Pass 1 computes ``--prompts`` prompts (``--tokens`` greedy
-  tokens each) and stores their prefixes; the memory tier and vLLM's prefix cache are then
-  emptied, and pass 2 asks the same prompts, loading the prefixes from LMDB through the codec.
-  ``token_agreement`` is the fraction of pass-2 output tokens (position by position) equal to
-  those of the ``none`` engine's pass 2 (exact loads, which must equal its pass 1);
-  ``perplexity_change`` compares the perplexity of a held-out text's continuation after its
-  prefix was loaded through the codec with the same after an exact load.
+- ``--quality``: one engine (tier ``cpu``). It computes and stores ``--prompts`` chat prompts
+  and a held-out passage's head; then, for ``none`` (exact) and each lossy codec, it puts every
+  stored chunk back into memory as a load through that codec gives it (the codec's
+  deterministic round trip), empties vLLM's prefix cache and measures ``token_agreement``
+  (teacher-forced top tokens over the exact run's ``--tokens`` greedy tokens, equal to the
+  exact load's), ``free_running_agreement`` (greedy tokens generated freely) and
+  ``perplexity_change`` (the held-out passage's continuation). ``exact.recomputed`` gives the
+  same figures with nothing loaded at all: the engine's own numerical noise, the floor any
+  codec's agreement is read against. ``--codecs int8/16`` compares another group size.
 
     kvcore bench codec [--json]
-    kvcore bench codec --quality [--prompts 100] [--tokens 64] [--json]
+    kvcore bench codec --quality [--prompts 100] [--tokens 64] [--codecs int8,int4] [--json]
     kvcore bench codec --ttft [--ttft-tiers lmdb,redis] [--json]
 
 ``--ttft`` adds the end-to-end figures of :mod:`kvcore_vllm.bench_codec_ttft`.
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loaded_tokens": exact["loaded_tokens"],
             "held_out": exact["held_out"],
         }
+        # the engine's own noise: the same figures with every prefix recomputed
+        report["exact"]["recomputed"] = quality(exact, engine["recompute"])
         for name in codecs:
             if name in runs:
                 report["codecs"][name].update(quality(exact, runs[name]))
@@ -148,6 +151,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         documents = [warmup] + [text[i * n:(i + 1) * n] for i in range(args.ttft_repeats)]
         report["ttft"] = bench_codec_ttft.run(args, model, documents)
     return report
+
+
+def codec_named(context: Any, name: str) -> Any:
+    """The codec ``--codecs`` names: a registered name, or ``int8/G`` / ``int4/G`` for the
+    built-in group quantization with groups of ``G`` elements (to compare group sizes)."""
+    from kvcore.codecs.quantize import GroupQuantCodec
+    from kvcore.config import ConfigError
+
+    base, _, group = name.partition("/")
+    codec = context.configured(base, "--codecs")
+    if not group:
+        return codec
+    if not isinstance(codec, GroupQuantCodec) or not group.isdigit():
+        raise ConfigError(f"--codecs {name}: a group size applies to int8 or int4 only")
+    try:
+        return GroupQuantCodec(name, codec.bits, int(group))
+    except ValueError as exc:
+        raise ConfigError(f"--codecs {name}: {exc}") from exc
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -231,7 +252,7 @@ def throughput(chunks: list[np.ndarray], codecs: list[str], dtype: str,
     report: dict[str, Any] = {"memcpy_gbps": raw_total / _best(memcpy, repeat) / 1e9,
                               "dtype": dtype, "codecs": {}}
     for name in codecs:
-        codec = context.configured(name, "--codecs")
+        codec = codec_named(context, name)
         assert codec is not None, "none is not a codec to measure"
         report["codecs"][name] = measure(codec, chunks, dtype, repeat)
     return report
@@ -329,7 +350,7 @@ def _child(spec_path: str, out_path: str) -> None:
                                 detokenize=False)
         reference: list[list[int]] = []
         for name in ["none", *spec["codecs"]]:
-            codec = engine.codecs.configured(name, "--codecs")
+            codec = codec_named(engine.codecs, name)
             if codec is not None and not codec.lossy:
                 continue  # lossless: loads are byte-identical (the throughput check)
             started = time.perf_counter()
@@ -347,7 +368,40 @@ def _child(spec_path: str, out_path: str) -> None:
             run["held_out"] = _held_out_perplexity(llm, held_out, TokensPrompt, SamplingParams)
             seconds[name] = time.perf_counter() - started
             result["runs"][name] = run
+        started = time.perf_counter()
+        result["recompute"] = _recomputed(engine, llm, generate, prompts, reference, held_out,
+                                          greedy, result["runs"]["none"]["held_out"])
+        seconds["recompute"] = time.perf_counter() - started
     Path(out_path).write_text(json.dumps(result))
+
+
+def _recomputed(engine: Any, llm: Any, generate: Any, prompts: list[list[int]],
+                reference: list[list[int]], held_out: list[int], greedy: Any,
+                exact_held_out: dict[str, Any]) -> dict[str, Any]:
+    """The same three measurements with nothing loaded (kvcore's memory and vLLM's prefix
+    cache emptied before each): the engine's own numerical noise, against which a codec's
+    agreement with exact loads reads (the prefix computed in another batch shape, the suffix's
+    attention over a cache it wrote itself)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvcore_vllm.testing import reset_prefix_cache
+
+    def fresh() -> None:
+        engine.clear(tier="cpu")
+        reset_prefix_cache(llm)
+
+    fresh()
+    outputs = generate(prompts, greedy)
+    run: dict[str, Any] = {"outputs": [list(o.outputs[0].token_ids) for o in outputs],
+                           "loaded_tokens": sum(int(o.num_cached_tokens or 0) for o in outputs)}
+    fresh()
+    run["forced_top1"] = _forced_top1(generate, prompts, reference, SamplingParams, loaded=False)
+    fresh()
+    run["held_out"] = _held_out_perplexity(llm, held_out, TokensPrompt, SamplingParams,
+                                           first=exact_held_out["cached_tokens"] + 1)
+    fresh()
+    return run
 
 
 def _snapshot(engine: Any) -> dict[bytes, bytes]:
@@ -376,17 +430,18 @@ def _load_as_through(engine: Any, stored: dict[bytes, bytes], codec: Any, dtype:
 
 
 def _forced_top1(generate: Any, prompts: list[list[int]], forced: list[list[int]],
-                 sampling_params: Any) -> list[list[int]]:
+                 sampling_params: Any, loaded: bool = True) -> list[list[int]]:
     """For each prompt followed by its reference output, the model's top token at each output
     position (teacher forcing: every position sees the same history, so one flipped token does
-    not shift the rest), the prompt's chunks loaded by kvcore."""
+    not shift the rest), the prompt's chunks loaded by kvcore (``loaded``) or recomputed."""
     params = sampling_params(max_tokens=1, temperature=0.0, detokenize=False, prompt_logprobs=1,
                              skip_reading_prefix_cache=False)
     outputs = generate([p + f for p, f in zip(prompts, forced)], params)
     tops = []
     for prompt, out in zip(prompts, outputs):
-        if int(out.num_cached_tokens or 0) != len(prompt) - 1:
-            raise RuntimeError(f"{out.num_cached_tokens} tokens loaded, not {len(prompt) - 1}")
+        expected = len(prompt) - 1 if loaded else 0
+        if int(out.num_cached_tokens or 0) != expected:
+            raise RuntimeError(f"{out.num_cached_tokens} tokens loaded, not {expected}")
         entries = list(out.prompt_logprobs or [])[len(prompt):]
         tops.append([next(t for t, lp in e.items() if lp.rank == 1) for e in entries])
     return tops
@@ -418,25 +473,28 @@ def _write_samples(engine: Any, path: Path, limit: int) -> int:
 
 
 def _held_out_perplexity(llm: Any, held_out: list[int], tokens_prompt: Any,
-                         sampling_params: Any) -> dict[str, Any]:
+                         sampling_params: Any, first: int = 0) -> dict[str, Any]:
     """Perplexity of the held-out text after its first ``HELD_OUT_PREFIX`` tokens (stored in
     pass 1), loaded by kvcore (``skip_reading_prefix_cache=False``: vLLM would otherwise
-    recompute them); every token after the loaded chunks is scored."""
+    recompute them); every token after the loaded chunks is scored. ``first`` > 0: nothing is
+    loaded, and the tokens from ``first`` on are scored (those an exact load scored)."""
     params = sampling_params(max_tokens=1, temperature=0.0, detokenize=False, prompt_logprobs=0,
                              skip_reading_prefix_cache=False)
     (out,) = llm.generate([tokens_prompt(prompt_token_ids=held_out)], params, use_tqdm=False)
-    if int(out.num_cached_tokens or 0) < HELD_OUT_PREFIX // 2:
-        raise RuntimeError(f"the held-out prefix was not loaded ({out.num_cached_tokens} "
-                           "tokens cached)")
     cached = int(out.num_cached_tokens or 0)
+    if first and cached:
+        raise RuntimeError(f"{cached} held-out tokens loaded where none should be")
+    if not first and cached < HELD_OUT_PREFIX // 2:
+        raise RuntimeError(f"the held-out prefix was not loaded ({cached} tokens cached)")
     # token i's logprob comes from position i - 1: vLLM leaves garbage where that position
     # was loaded, not computed, so the first scored token is the one after the first computed
-    first = cached + 1
+    first = first or cached + 1
     entries = list(out.prompt_logprobs or [])[first:]
     if len(entries) < HELD_OUT_EVAL // 2 or len(entries) != len(held_out) - first:
         raise RuntimeError(f"{len(entries)} prompt logprobs after {cached} cached tokens")
     nll = -sum(entry[token].logprob for entry, token in zip(entries, held_out[first:]))
     return {"perplexity": math.exp(nll / len(entries)), "cached_tokens": cached,
+            "first_scored": first,
             "scored_tokens": len(entries)}
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import pytest
 
 from kvcore_vllm import bench_codec
 
-pytestmark = pytest.mark.vllm
 
-
+@pytest.mark.vllm
 def test_codec_bench_on_the_real_model(kvcore_env) -> None:
     from kvcore_vllm.smollm import SmolLMUnavailable, build_smollm
 
@@ -47,6 +47,10 @@ def test_codec_bench_on_the_real_model(kvcore_env) -> None:
     assert int8["loaded_tokens"] == exact["loaded_tokens"]  # loaded through the codec
     assert 0.0 <= int8["token_agreement"] <= 1.0
     assert math.isfinite(int8["perplexity_change"]) and abs(int8["perplexity_change"]) < 0.05
+    recomputed = exact["recomputed"]  # the engine's own noise floor: nothing loaded
+    assert recomputed["loaded_tokens"] == 0
+    assert 0.0 <= recomputed["token_agreement"] <= 1.0
+    assert math.isfinite(recomputed["perplexity_change"])
 
     rows = report["ttft"]["tiers"]["lmdb"]
     for codec, row in rows.items():
@@ -56,3 +60,23 @@ def test_codec_bench_on_the_real_model(kvcore_env) -> None:
     assert rows["none"]["cold_equals_lower_hit"] == 1.0
     assert rows["int8"]["bytes_written"] < 0.6 * rows["int8"]["bytes_stored_raw"]
     assert rows["none"]["bytes_written"] > rows["none"]["bytes_stored_raw"]  # raw + headers
+
+
+def test_codec_named_builds_group_variants() -> None:
+    """``--codecs int8/16``: the built-in quantization with another group size (no engine)."""
+    from kvcore.codecs.context import CodecContext
+    from kvcore.config import ConfigError
+    from kvcore.plugins import get_registry
+
+    context = CodecContext(get_registry())
+    variant = bench_codec.codec_named(context, "int8/16")
+    assert (variant.name, variant.bits, variant.group) == ("int8/16", 8, 16)
+    assert bench_codec.codec_named(context, "int8").group == 64
+    values = np.linspace(-3, 3, 512, dtype=np.float32)
+    raw = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bfloat16, truncated
+    encoded = variant.encode(memoryview(raw), "bfloat16")
+    assert encoded is not None and memoryview(encoded).nbytes == variant.encoded_nbytes(512)
+    assert len(bytes(variant.decode(memoryview(encoded).cast("B"), len(raw)))) == len(raw)
+    for bad in ("shuffle-zstd/16", "int8/x", "int8/3", "nosuch/8"):
+        with pytest.raises(ConfigError, match="--codecs"):
+            bench_codec.codec_named(context, bad)
