@@ -77,7 +77,7 @@ class ARCPolicy(EvictionPolicy):
         else:
             return
         self._proposed = None
-        self._trim_ghosts(len(self._t1) + len(self._t2))
+        self._trim_ghosts(len(self) + 1)  # the tier makes room for one chunk at a time
 
     def victim(self, exclude: Container[ChunkKey] = ()) -> ChunkKey | None:
         recent = _first(self._t1, exclude)
