@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar, overload
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
@@ -198,6 +198,14 @@ class Settings(_KVCoreSettingsBase):
     )
     write_behind: bool = Field(
         True, description="Copy stored chunks into the lower tiers in the background."
+    )
+    lower_admission: Literal["all", "reused"] = Field(
+        "all",
+        description=(
+            "Which stored chunks write-behind copies below memory: `all`, or `reused` (only "
+            "once a chunk is asked for a second time: fewer bytes written, see "
+            "docs/eviction.md)."
+        ),
     )
     tier_timeout_s: float = Field(
         5.0, gt=0, allow_inf_nan=False,

@@ -281,6 +281,9 @@ class CacheEngine:
         in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.memory.name]
         if in_memory:
             self.memory.touch(in_memory)
+        if self.lower:
+            again = set(self.pipeline.admission.asked(keys, n))
+            self.pipeline.copy_down([k for k in in_memory if k in again])
         below = [i for i in range(n) if source[i] != self.memory.name]
         if prefetch and below:
             self.pipeline.prefetch([keys[i] for i in below],

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kvcore.admission import LowerAdmission
 from kvcore.background import lower_priority
 from kvcore.config import Settings
 from kvcore.interfaces import Buffer
@@ -141,6 +142,7 @@ class Pipeline:
         self.chunk_size = settings.chunk_size
         self._closed = threading.Event()
         self._store_queue: queue.Queue = queue.Queue(maxsize=settings.store_queue_size)
+        self.admission = LowerAdmission(settings.lower_admission)
         self.write_behind: list[WriteBehind] = []
         for tier in stack.lower:
             self.add_write_behind(tier)
@@ -232,10 +234,14 @@ class Pipeline:
         self.metrics.inc("stored_chunks_total", len(reserved))
         self.metrics.inc("bytes_stored_total", nbytes * len(reserved), memory.name)
         self.metrics.observe("store_seconds", time.perf_counter() - started)
-        if self.settings.write_behind:
-            for worker in self.write_behind:
-                worker.offer(reserved)
+        self.copy_down(self.admission.admit(reserved))
         return len(reserved)
+
+    def copy_down(self, keys: list[ChunkKey]) -> None:
+        """Queue chunks in memory for every lower tier (when write-behind is on)."""
+        if keys and self.settings.write_behind:
+            for worker in self.write_behind:
+                worker.offer(keys)
 
     # -- prefetches ----------------------------------------------------------------------------
 
