@@ -80,19 +80,19 @@ class LowerAdmission:
     """Decides which chunks write-behind copies below memory (``mode``: ``all`` or
     ``reused``)."""
 
-    def __init__(self, mode: str = ALL, counter: AskCounter | None = None) -> None:
+    def __init__(self, mode: str = ALL) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown lower-tier admission {mode!r}; known: {', '.join(MODES)}")
         self.mode = mode
-        self.counter = counter or (AskCounter() if mode == REUSED else None)
+        self.counter = AskCounter() if mode == REUSED else None
 
     def asked(self, keys: Sequence[ChunkKey], hits: int) -> list[ChunkKey]:
         """A lookup asked for ``keys``, the first ``hits`` of them cached. Returns the cached
         ones asked for exactly the second time now: to copy down (once)."""
         if self.counter is None or not keys:
             return []
-        counts = self.counter.ask(list(dict.fromkeys(keys)))
-        by_key = dict(zip(dict.fromkeys(keys), counts))
+        distinct = list(dict.fromkeys(keys))
+        by_key = dict(zip(distinct, self.counter.ask(distinct)))
         return [k for k in keys[:hits] if by_key[k] == 2]
 
     def admit(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
