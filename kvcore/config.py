@@ -207,6 +207,20 @@ class Settings(_KVCoreSettingsBase):
             "docs/eviction.md)."
         ),
     )
+    request_log_size: int = Field(
+        1000, ge=0, le=1_000_000,
+        description=(
+            "Requests whose record (tokens asked, hit by tier, why the rest missed) is kept for "
+            "`/v1/requests`; 0 keeps none (see docs/misses.md)."
+        ),
+    )
+    chunk_history_size: int = Field(
+        50_000, ge=0, le=10_000_000,
+        description=(
+            "Chunks whose latest fate per tier (stored, evicted, deleted, corrupt) is "
+            "remembered to explain misses; about 300 bytes each."
+        ),
+    )
     tier_timeout_s: float = Field(
         5.0, gt=0, allow_inf_nan=False,
         description="Longest wait for one tier operation before it counts as a miss.",

@@ -18,14 +18,18 @@ thin facade over two parts:
 - **retrieve** / :meth:`CacheEngine.acquire` hand out the leading run of chunks, reading lower
   tiers (verified, promoted into memory) where memory misses;
 - an error, a timeout or a corrupted value below memory is a miss, logged once per kind and
-  counted, never an exception to the caller.
+  counted, never an exception to the caller;
+- a lookup or load given a ``request_id`` is recorded in :attr:`CacheEngine.requests`, with the
+  reason the first missing chunk missed (:mod:`kvcore.misses`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -46,8 +50,9 @@ from kvcore.config import (
     unknown_variables,
 )
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
-from kvcore.keys import ChunkKey, Namespace, chunk_keys
+from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
+from kvcore.misses import ChunkHistory, Miss, RequestLog, RequestRecord, explain
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
 from kvcore.plugins import ENTRY_POINT_GROUP, PluginRegistry, get_registry
@@ -57,6 +62,9 @@ __all__ = ["BufferSource", "CacheEngine", "ChunkLease", "ChunkSource", "LookupRe
            "StoreHandle", "open_engine"]
 
 log = logging.getLogger("kvcore.engine")
+
+MAX_NAMESPACES = 256
+"""Namespaces an engine remembers having seen (to say which field a miss differs in)."""
 
 
 @dataclass
@@ -156,6 +164,12 @@ class CacheEngine:
         _warn_unknown_settings(self.registry)
         self.metrics = Metrics()
         self.chunk_size = self.settings.chunk_size
+        self.history = ChunkHistory(self.settings.chunk_history_size)
+        """The latest fate of each chunk in each tier (why a later lookup misses)."""
+        self.requests = RequestLog(self.settings.request_log_size)
+        """The last requests looked up or loaded with a request id, and why they missed."""
+        self._namespaces: OrderedDict[bytes, Namespace] = OrderedDict()
+        self._namespaces_lock = threading.Lock()
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
         built = list(tiers) if tiers is not None else self._build_tiers()
         first = built[0]
@@ -177,7 +191,10 @@ class CacheEngine:
             for tier in built:
                 tier.close()
             raise
-        self.stack = TierStack(first, lower, self.metrics, self.codecs)
+        self.stack = TierStack(first, lower, self.metrics, self.codecs, self.history)
+        for tier in built:
+            if tier._notify is None:  # tiers given ready-made report like built ones
+                tier._notify = self._notify
         self.pipeline = Pipeline(self.stack, self.settings, self.metrics, self.pending)
         self.attachments = Attachments()
         """What runs beside this engine, by name (``engine.attachments["controller"]``)."""
@@ -196,7 +213,7 @@ class CacheEngine:
         codec = self.codecs.configured(str(getattr(tier, "codec", "none")), variable)
         return LowerTier(tier, self.settings.tier_timeout_s, self.metrics,
                          self.settings.background_nice, codec=codec, codecs=self.codecs,
-                         max_raw_bytes=self.memory.budget)
+                         max_raw_bytes=self.memory.budget, history=self.history)
 
     def _build_tiers(self) -> list[Tier]:
         """The tiers of ``settings.tiers``; when one fails to build, those already built are
@@ -246,30 +263,61 @@ class CacheEngine:
     def _notify(self, tier: str, kind: str, keys: list[ChunkKey]) -> None:
         self.metrics.inc("chunks_admitted_total" if kind == "admit" else "evictions_total",
                          len(keys), tier)
+        if kind == "admit":
+            self.history.note(tier, "stored", keys)
+        elif kind == "corrupt":
+            self.history.note(tier, "corrupt", keys)
+        else:
+            self.history.note(tier, "evicted", keys, policy=self._policy_of(tier))
+        kind = "admit" if kind == "admit" else "evict"  # observers see chunks come and go
         for observer in list(self._observers):
             try:
                 observer(tier, kind, keys)
             except Exception as exc:  # noqa: BLE001 - an observer never fails the engine
                 log.debug("kvcore observer failed: %s", exc)
 
+    def _policy_of(self, tier: str) -> str:
+        """The eviction policy a tier evicts by (empty when the tier evicts on its own)."""
+        stack: TierStack | None = getattr(self, "stack", None)  # tiers may report while built
+        for t in stack.tiers if stack is not None else []:
+            if t.name == tier:
+                return str(getattr(getattr(t, "policy", None), "name", ""))
+        return ""
+
     # -- keys ------------------------------------------------------------------------------------
+
+    def _remember(self, namespace: Namespace) -> None:
+        with self._namespaces_lock:
+            self._namespaces[namespace.digest] = namespace
+            self._namespaces.move_to_end(namespace.digest)
+            while len(self._namespaces) > MAX_NAMESPACES:
+                self._namespaces.popitem(last=False)
 
     def keys_for(self, namespace: Namespace | bytes,
                  tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
         """Keys of the full chunks of ``tokens`` under ``namespace`` (or its digest)."""
         if isinstance(namespace, Namespace):
             self.codecs.note_namespace(namespace)
+            self._remember(namespace)
         return chunk_keys(namespace, tokens, self.chunk_size)
 
     def note_namespace(self, namespace: Namespace) -> None:
         """Tell the codecs ``namespace``'s element type, for a connector that derives keys by
         digest (a chunk whose namespace is not known is stored raw)."""
         self.codecs.note_namespace(namespace)
+        self._remember(namespace)
 
     # -- lookup ------------------------------------------------------------------------------------
 
-    def lookup(self, keys: Sequence[ChunkKey], prefetch: bool = True) -> LookupResult:
-        """How many leading chunks are cached in any tier. Starts prefetch of lower-tier hits."""
+    def lookup(self, keys: Sequence[ChunkKey], prefetch: bool = True,
+               request_id: str | None = None,
+               tokens: Sequence[int] | None = None) -> LookupResult:
+        """How many leading chunks are cached in any tier. Starts prefetch of lower-tier hits.
+
+        With ``request_id``, the lookup is recorded in :attr:`requests` with the reason the
+        first missing chunk missed; ``tokens`` (the prompt) lets that reason name another
+        tenant holding the same prefix.
+        """
         started = time.perf_counter()
         keys = list(keys)
         source = self.stack.locate(keys)
@@ -289,11 +337,68 @@ class CacheEngine:
             self.pipeline.prefetch([keys[i] for i in below],
                                    {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.sources = [s for s in source[:n] if s is not None]
+        if request_id is not None:
+            self._record_lookup(request_id, keys, result, tokens)
         self.metrics.inc("lookups_total")
         self.metrics.inc("hit_tokens_total", n * self.chunk_size)
         self.metrics.inc("miss_tokens_total", (len(keys) - n) * self.chunk_size)
         self.metrics.observe("lookup_seconds", time.perf_counter() - started)
         return result
+
+    def _record_lookup(self, request_id: str, keys: list[ChunkKey], result: LookupResult,
+                       tokens: Sequence[int] | None) -> None:
+        n = result.chunks
+        miss: Miss | None = None
+        if not keys:
+            miss = Miss("partial_chunk", 0)
+        elif n < len(keys):
+            with self._namespaces_lock:
+                namespaces = list(self._namespaces.values())
+                ours = self._namespaces.get(keys[n][:NAMESPACE_BYTES])
+            miss = explain(keys[n], n, self.history, namespaces, ours, tokens, self.chunk_size,
+                           self.stack.locate)
+        record = RequestRecord(
+            id=request_id, at=time.time(),
+            namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
+            tokens_asked=len(keys) * self.chunk_size, tokens_hit=result.tokens,
+            hit_by_tier={t: c * self.chunk_size for t, c in result.by_tier.items()},
+            sources=list(result.sources),
+            tokens_prompt=len(tokens) if tokens is not None else None, miss=miss)
+        if self.requests.put(record) and miss is not None:
+            self.metrics.inc("request_misses_total", label=miss.reason)
+        log.debug("kvcore request %s: asked %d tokens, hit %d %s, miss %s", request_id,
+                  record.tokens_asked, record.tokens_hit, record.hit_by_tier,
+                  miss.as_dict() if miss is not None else None)
+
+    def _record_load(self, request_id: str, keys: list[ChunkKey], loaded: int,
+                     first_chunk: int, late: bool) -> None:
+        """Note how a load of chunks ``first_chunk...`` of a request went (and why it fell
+        short)."""
+        record = self.requests.get(request_id)
+        if record is None:  # looked up in another process (vLLM's scheduler): load facts only
+            record = RequestRecord(id=request_id, at=time.time(),
+                                   namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
+                                   tokens_asked=0, tokens_hit=0, hit_by_tier={}, sources=[])
+            self.requests.put(record)
+        load: dict[str, Any] = {"from_chunk": first_chunk, "chunks_asked": len(keys),
+                                "chunks_loaded": loaded, "miss": None}
+        if loaded < len(keys):
+            chunk = first_chunk + loaded
+            tier = record.sources[chunk] if chunk < len(record.sources) else None
+            fates = [f for f in self.history.fates(keys[loaded]) if f.at >= record.at]
+            gone = [f for f in fates if f.event in ("evicted", "deleted")]
+            cause = ("failed verification" if any(f.event == "corrupt" for f in fates)
+                     else f"{gone[-1].event} from {gone[-1].tier} after the lookup" if gone
+                     else "not readable (tier error or timeout, see the tier's errors)")
+            reason = "load_late" if late else "load_failed"
+            detail: dict[str, Any] = {"tier": tier, "cause": cause if not late else
+                                      "a read ran past its timeout (KVCORE_TIER_TIMEOUT_S, "
+                                      "or the connector's load timeout)"}
+            miss = Miss(reason, chunk, detail)
+            load["miss"] = miss.as_dict()
+            self.metrics.inc("request_misses_total", label=reason)
+            log.debug("kvcore request %s: load short: %s", request_id, load["miss"])
+        record.load = load
 
     def lookup_tokens(self, namespace: Namespace, tokens: Sequence[int]) -> int:
         """Leading cached tokens of a prompt (a multiple of the chunk size)."""
@@ -325,21 +430,25 @@ class CacheEngine:
 
     # -- retrieve ----------------------------------------------------------------------------------
 
-    def acquire(self, keys: Sequence[ChunkKey], timeout_s: float | None = None) -> ChunkLease:
+    def acquire(self, keys: Sequence[ChunkKey], timeout_s: float | None = None,
+                request_id: str | None = None, first_chunk: int = 0) -> ChunkLease:
         """Hold the leading cached chunks of ``keys`` and return views of them (zero copy).
 
         Chunks missing from memory are read from lower tiers (waiting for a prefetch in flight,
         at most ``timeout_s``), verified and promoted. Close the lease when the copy is done.
+        With ``request_id`` (``keys`` being that request's chunks from ``first_chunk`` on),
+        the load is added to the request's record, with the reason when it falls short.
         """
         keys = list(keys)
+        in_time, timeouts = True, self.stack.timeouts()
         views = self.memory.acquire(keys)
         if self.lower and any(v is None for v in views):
             first_gap = next(i for i, v in enumerate(views) if v is None)
             self.memory.release(views[first_gap:])
             views[first_gap:] = [None] * (len(keys) - first_gap)
             try:
-                self.pipeline.wait_inflight(keys[first_gap:],
-                                            timeout_s or self.settings.tier_timeout_s)
+                in_time = self.pipeline.wait_inflight(
+                    keys[first_gap:], timeout_s or self.settings.tier_timeout_s)
                 parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
                 self.stack.promote(keys[first_gap:], parents)
                 views[first_gap:] = self.memory.acquire(keys[first_gap:])
@@ -352,6 +461,9 @@ class CacheEngine:
         self.memory.release(views[n:])
         leased = [v for v in views[:n] if v is not None]
         self.metrics.inc("bytes_loaded_total", sum(v.nbytes for v in leased), self.memory.name)
+        if request_id is not None:
+            late = not in_time or self.stack.timeouts() > timeouts
+            self._record_load(request_id, keys, n, first_chunk, late)
         return ChunkLease(self.memory, keys[:n], leased)
 
     def retrieve(self, keys: Sequence[ChunkKey], dests: Sequence[Any]) -> int:

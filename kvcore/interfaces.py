@@ -73,7 +73,8 @@ class Tier(ABC):
     :meth:`_emit`."""
 
     def _emit(self, kind: str, keys: list[ChunkKey]) -> None:
-        """Report ``"admit"`` or ``"evict"`` of ``keys``; an observer's failure is ignored."""
+        """Report ``"admit"``, ``"evict"`` or ``"corrupt"`` (removed after failing the tier's
+        own verification) of ``keys``; an observer's failure is ignored."""
         if keys and self._notify is not None:
             try:
                 self._notify(self.name, kind, keys)

@@ -16,6 +16,9 @@ CATALOGUE: dict[str, str] = {
     "hit_tokens_total": "Prompt tokens found cached by lookups.",
     "miss_tokens_total": "Prompt tokens not cached at lookup (full chunks only).",
     "lookup_seconds": "Latency of one lookup.",
+    "request_misses_total": "Requests whose first missing chunk missed for a reason, by reason "
+                            "(never_stored, evicted, other_namespace, load_failed, ...; "
+                            "docs/misses.md).",
     "stored_chunks_total": "Chunks stored into the memory tier.",
     "store_rejected_chunks_total": "Chunks the memory tier refused (full of held or pinned "
                                    "chunks, larger than its budget, admission).",
@@ -84,6 +87,9 @@ CATALOGUE: dict[str, str] = {
 }
 """Every metric kvcore records, with its help text (the Prometheus ``# HELP`` line). A test
 checks that each name recorded in the code is listed here."""
+
+LABEL_NAMES: dict[str, str] = {"request_misses_total": "reason"}
+"""The Prometheus label of a metric's label where it is not ``tier``."""
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -234,8 +235,22 @@ class Pipeline:
         self.metrics.inc("stored_chunks_total", len(reserved))
         self.metrics.inc("bytes_stored_total", nbytes * len(reserved), memory.name)
         self.metrics.observe("store_seconds", time.perf_counter() - started)
-        self.copy_down(self.admission.admit(reserved))
+        admitted = self.admission.admit(reserved)
+        self._note_not_admitted(reserved, admitted)
+        self.copy_down(admitted)
         return len(reserved)
+
+    def _note_not_admitted(self, stored: list[ChunkKey], admitted: list[ChunkKey]) -> None:
+        """Tell the history which stored chunks write-behind leaves out (why a later miss
+        finds them in no lower tier)."""
+        history = self.stack.history
+        if history is None or len(admitted) == len(stored) or not self.stack.lower:
+            return
+        chosen = set(admitted)
+        refused = [k for k in stored if k not in chosen]
+        for tier in self.stack.lower:
+            history.note(tier.name, "not_admitted", refused,
+                         policy=f"KVCORE_LOWER_ADMISSION={self.admission.mode}")
 
     def copy_down(self, keys: list[ChunkKey]) -> None:
         """Queue chunks in memory for every lower tier (when write-behind is on)."""
@@ -263,16 +278,21 @@ class Pipeline:
                 for key in keys:
                     self._inflight.pop(key, None)
 
-    def wait_inflight(self, keys: Sequence[ChunkKey], timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) for the prefetches that hold any of ``keys``."""
+    def wait_inflight(self, keys: Sequence[ChunkKey], timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the prefetches that hold any of ``keys``; False
+        when one of them did not finish in time."""
         with self._inflight_lock:
             futures = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
         deadline = time.monotonic() + timeout_s
+        in_time = True
         for future in futures.values():
             try:
                 future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - a late or failed prefetch: the load reads itself
+            except FutureTimeout:
+                in_time = False
+            except Exception:  # noqa: BLE001 - a failed prefetch: the load reads itself
                 pass
+        return in_time
 
     # -- lifecycle -------------------------------------------------------------------------------
 

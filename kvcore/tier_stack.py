@@ -27,6 +27,7 @@ from kvcore.failures import FailureLog
 from kvcore.interfaces import Buffer, Codec, MemoryTier, Tier
 from kvcore.keys import ChunkKey, Namespace, key_namespace
 from kvcore.metrics import Metrics
+from kvcore.misses import ChunkHistory
 
 log = logging.getLogger("kvcore.engine")
 
@@ -48,10 +49,12 @@ class LowerTier:
 
     def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0,
                  codec: Codec | None = None, codecs: CodecContext | None = None,
-                 max_raw_bytes: int = chunk_format.MAX_CODED_RAW_BYTES) -> None:
+                 max_raw_bytes: int = chunk_format.MAX_CODED_RAW_BYTES,
+                 history: ChunkHistory | None = None) -> None:
         """``codec`` encodes what this tier stores (``None``: raw); ``codecs`` decodes what it
         holds (any registered codec) and knows each namespace's element type;
-        ``max_raw_bytes`` bounds the raw size an encoded frame may claim (the memory budget)."""
+        ``max_raw_bytes`` bounds the raw size an encoded frame may claim (the memory budget);
+        ``history`` is told what this tier stored and what failed verification."""
         self.tier = tier
         self.name = tier.name
         self.timeout_s = timeout_s
@@ -59,6 +62,9 @@ class LowerTier:
         self.codec = codec if tier.framed else None
         self.codecs = codecs
         self.max_raw_bytes = max_raw_bytes
+        self.history = history
+        self.timeouts = 0
+        """Calls that did not answer within the timeout (a load that ran late)."""
         self._unreadable: OrderedDict[bytes, None] = OrderedDict()
         """Keys held in a codec not installed here (bounded): misses, not hits, to lookups."""
         self._lock = threading.Lock()
@@ -74,6 +80,7 @@ class LowerTier:
         try:
             result = self._pool.submit(fn, *args).result(timeout=self.timeout_s)
         except FutureTimeout:
+            self.timeouts += 1
             self.failures.record(what, f"no answer within {self.timeout_s}s")
             return default
         except Exception as exc:  # noqa: BLE001 - a tier's failure is a miss, never an error
@@ -118,6 +125,8 @@ class LowerTier:
             self.metrics.inc("corrupt_chunks_total", len(corrupt), self.name)
             self.failures.record("verify", f"{len(corrupt)} corrupted or foreign chunk(s) removed")
             self.call("delete", self.tier.delete, corrupt, default=0)
+            if self.history is not None:
+                self.history.note(self.name, "corrupt", corrupt)
         return out
 
     def get_verified(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
@@ -178,6 +187,9 @@ class LowerTier:
                 for (key, _), ok in zip(items, stored or []):
                     if ok:
                         self._unreadable.pop(bytes(key), None)
+        if self.history is not None:
+            self.history.note(self.name, "stored",
+                              [key for (key, _), ok in zip(items, stored or []) if ok])
         self.metrics.inc("bytes_stored_total", sum(v.nbytes for v, _ in accepted), self.name)
         self.metrics.inc("bytes_written_total",
                          sum(memoryview(p).nbytes for _, parts in accepted for p in parts),
@@ -196,11 +208,18 @@ class TierStack:
     """The memory tier and the lower tiers below it, asked fastest first."""
 
     def __init__(self, memory: MemoryTier, lower: list[LowerTier], metrics: Metrics,
-                 codecs: CodecContext | None = None) -> None:
+                 codecs: CodecContext | None = None,
+                 history: ChunkHistory | None = None) -> None:
         self.memory = memory
         self.lower = lower
         self.metrics = metrics
         self.codecs = codecs
+        self.history = history
+        """Told of every delete and clear (the reason a later lookup misses)."""
+
+    def _deleted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        if self.history is not None:
+            self.history.note(tier, "deleted", keys)
 
     @property
     def tiers(self) -> list[Tier]:
@@ -222,6 +241,10 @@ class TierStack:
                     source[i] = tier.name
             missing = [i for i, hit in zip(missing, hits) if not hit]
         return source
+
+    def timeouts(self) -> int:
+        """Lower-tier calls that ran out of time so far."""
+        return sum(t.timeouts for t in self.lower)
 
     def promote(self, keys: list[ChunkKey], parents: dict[ChunkKey, ChunkKey | None]) -> int:
         """Read ``keys`` missing from memory from the lower tiers (verified) into memory."""
@@ -252,6 +275,8 @@ class TierStack:
         removed = self.memory.delete(keys)
         for tier in self.lower:
             removed += tier.call("delete", tier.tier.delete, keys, default=0)
+        for name in [self.memory.name, *(t.name for t in self.lower)]:
+            self._deleted(name, keys)
         return removed
 
     def pin(self, keys: Sequence[ChunkKey]) -> int:
@@ -272,11 +297,13 @@ class TierStack:
             keys = [k for k in self.memory.iter_keys() if ns is None or key_namespace(k) == ns]
             self.memory.unpin(keys)
             removed += self.memory.delete(keys)
+            self._deleted(self.memory.name, keys)
         for lower in self.lower:
             if tier is not None and lower.name != tier:
                 continue
             keys = [k for k in lower.tier.iter_keys() if ns is None or key_namespace(k) == ns]
             removed += lower.call("delete", lower.tier.delete, keys, default=0)
+            self._deleted(lower.name, keys)
         return removed
 
     def usage(self) -> dict[str, Any]:

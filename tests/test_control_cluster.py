@@ -111,6 +111,11 @@ INSTANCE = textwrap.dedent('''
             values = engine.memory.get(keys)
             return {"intact": [v is not None and bytes(v) == payload(k)
                                for k, v in zip(keys, values)]}
+        if op == "lookup":
+            found = engine.lookup(keys, request_id=req["id"], tokens=req.get("tokens", []))
+            return {"tokens": found.tokens}
+        if op == "delete":
+            return {"removed": engine.delete(keys[req.get("first", 0):])}
         if op == "registered":
             return {"registered": reporter.registered}
         if op == "stats":
@@ -170,9 +175,9 @@ class Instance:
             raise AssertionError(f"instance {self.id} exited ({self.proc.poll()})")
         return json.loads(line)
 
-    def ask(self, op: str, tokens: list[int] | None = None) -> Any:
+    def ask(self, op: str, tokens: list[int] | None = None, **extra: Any) -> Any:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, "tokens": tokens or []}) + "\n")
+        self.proc.stdin.write(json.dumps({"op": op, "tokens": tokens or [], **extra}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -419,3 +424,31 @@ def test_a_wrong_token_or_url_is_said_once_and_the_engine_serves(
     lines = [r.getMessage() for r in caplog.records if "cannot register" in r.getMessage()]
     assert len([m for m in lines if "refused KVCORE_CONTROLLER_TOKEN" in m]) == 1, lines
     assert len([m for m in lines if "no answer from KVCORE_CONTROLLER_URL" in m]) == 1, lines
+
+
+def test_requests_say_why_each_missed(spawn: Callable[..., list[Instance]],
+                                      client: ControllerClient) -> None:
+    """``/v1/requests``: each instance's record of a request, with the miss reason, through a
+    real controller; deletes are counted by reason in the instances' Prometheus metrics."""
+    a, b = spawn("a", "b")
+    assert a.ask("store", PROMPT)["stored"] == 4
+    assert a.ask("delete", PROMPT, first=2)["removed"] >= 2  # chunks 2 and 3, every tier
+    assert a.ask("lookup", PROMPT, id="req-1")["tokens"] == 8
+    assert b.ask("lookup", OTHER, id="req-2")["tokens"] == 0
+    wait_for(lambda: {i["id"] for i in client.instances()} == {"a", "b"}, "registration")
+    (record,) = client.request("req-1")
+    assert record["instance"] == "a"
+    assert (record["tokens_asked"], record["tokens_hit"]) == (16, 8)
+    assert record["hit_by_tier"] == {"cpu": 8}
+    assert record["miss"]["reason"] == "deleted" and record["miss"]["chunk"] == 2
+    (other,) = client.request("req-2")
+    assert other["instance"] == "b" and other["miss"]["reason"] == "never_stored"
+    assert {r["id"] for r in client.requests(limit=5)} == {"req-1", "req-2"}
+    assert [r["id"] for r in client.requests(instance="b")] == ["req-2"]
+    with pytest.raises(ControllerError) as missing:
+        client.request("no-such-request")
+    assert missing.value.status == 404 and "no instance remembers" in str(missing.value)
+    deleted = 'kvcore_request_misses_total{instance="a",name="a",reason="deleted"} 1'
+    text = wait_for(lambda: next((t for t in [client.metrics_text()] if deleted in t), None),
+                    "miss counters in the heartbeat stats")
+    assert 'kvcore_request_misses_total{instance="b",name="b",reason="never_stored"} 1' in text

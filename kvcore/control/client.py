@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from kvcore.keys import Namespace
 
@@ -139,6 +140,15 @@ class ControllerClient:
                 "source": {"instance": source[0], "tier": source[1]},
                 "target": {"instance": target[0], "tier": target[1]}}
         return self._ok("POST", "/v1/move", body)
+
+    def request(self, request_id: str) -> list[dict[str, Any]]:
+        """What each instance saw of one request, and why it missed (docs/misses.md)."""
+        return self._ok("GET", f"/v1/requests/{quote(request_id, safe='')}")["records"]
+
+    def requests(self, limit: int = 20, instance: str | None = None) -> list[dict[str, Any]]:
+        """The newest request records, newest first."""
+        query = f"?limit={int(limit)}" + (f"&instance={quote(instance)}" if instance else "")
+        return self._ok("GET", f"/v1/requests{query}")["records"]
 
     def metrics_text(self) -> str:
         """The Prometheus exposition of the controller and every instance."""

@@ -82,10 +82,13 @@ def delete_chunks(engine: CacheEngine, tier: str, keys: Sequence[ChunkKey]) -> i
     keys = list(keys)
     if tier == engine.memory.name:
         engine.memory.unpin(keys)
-        return engine.memory.delete(keys)
-    lower = _lower(engine, tier)
-    lower.call("unpin", lower.tier.unpin, keys, default=0)
-    return int(lower.call("delete", lower.tier.delete, keys, default=0))
+        removed = engine.memory.delete(keys)
+    else:
+        lower = _lower(engine, tier)
+        lower.call("unpin", lower.tier.unpin, keys, default=0)
+        removed = int(lower.call("delete", lower.tier.delete, keys, default=0))
+    engine.history.note(tier, "deleted", keys)
+    return removed
 
 
 def op_clear(engine: CacheEngine, args: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +143,19 @@ def op_copy_tiers(engine: CacheEngine, args: dict[str, Any]) -> dict[str, Any]:
     return {"keys": [k.hex() for k, _ in items]}
 
 
+MAX_RECORDS = 1000
+"""Request records one ``requests`` command returns at most."""
+
+
+def op_requests(engine: CacheEngine, args: dict[str, Any]) -> dict[str, Any]:
+    """The record of request ``id``, or the newest ``limit`` records."""
+    if args.get("id") is not None:
+        record = engine.requests.get(str(args["id"]))
+        return {"records": [record.as_dict()] if record is not None else []}
+    limit = min(MAX_RECORDS, max(0, int(args.get("limit", 20))))
+    return {"records": [r.as_dict() for r in engine.requests.recent(limit)]}
+
+
 OPS: dict[str, Op] = {
     "clear": op_clear,
     "pin": op_pin,
@@ -148,6 +164,7 @@ OPS: dict[str, Op] = {
     "import": op_import,
     "delete": op_delete,
     "copy_tiers": op_copy_tiers,
+    "requests": op_requests,
 }
 
 

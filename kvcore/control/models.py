@@ -265,3 +265,40 @@ class MoveResponse(BaseModel):
     chunks: int = Field(description="Chunks copied (or moved).")
     tokens: int
     mode: Literal["copy", "move"]
+
+
+class MissModel(BaseModel):
+    """Why the first missing chunk missed: ``reason`` (see docs/misses.md) and its facts
+    (``tier``, ``at``, ``policy``, ``differs``, ``cause``...)."""
+
+    model_config = ConfigDict(extra="allow")
+    reason: str = Field(max_length=64)
+    chunk: int = Field(ge=0)
+
+
+class LoadModel(BaseModel):
+    from_chunk: int = Field(ge=0)
+    chunks_asked: int = Field(ge=0)
+    chunks_loaded: int = Field(ge=0)
+    miss: MissModel | None = None
+
+
+class RequestRecordModel(BaseModel):
+    """What one instance saw of one request."""
+
+    instance: str = ""
+    id: str = Field(max_length=1024)
+    at: float
+    namespace: str = Field(max_length=2 * NAMESPACE_BYTES)
+    tokens_asked: int = Field(ge=0)
+    tokens_hit: int = Field(ge=0)
+    hit_by_tier: dict[str, int] = Field(default_factory=dict)
+    tokens_prompt: int | None = None
+    miss: MissModel | None = None
+    load: LoadModel | None = None
+
+
+class RequestsResponse(BaseModel):
+    records: list[RequestRecordModel]
+    unanswered: list[InstanceResult] = Field(
+        default_factory=list, description="Instances that could not be asked (no answer).")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kvcore.metrics import CATALOGUE
+from kvcore.metrics import CATALOGUE, LABEL_NAMES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
@@ -71,10 +71,10 @@ class Families:
                      usage["used_bytes"] / budget if budget else 0.0, tl)
         for name, by_label in sorted(stats.get("counters", {}).items()):
             for label, value in sorted(by_label.items()):
-                self.add(name, "counter", value, _with_tier(base, label))
+                self.add(name, "counter", value, _with_label(base, name, label))
         for name, by_label in sorted(stats.get("histograms", {}).items()):
             for label, hist in sorted(by_label.items()):
-                self.add_histogram(name, hist, _with_tier(base, label))
+                self.add_histogram(name, hist, _with_label(base, name, label))
 
     def render(self) -> str:
         out: list[str] = []
@@ -101,8 +101,8 @@ def render_many(items: Iterable[tuple[Mapping[str, Any], Mapping[str, str]]],
     return families.render()
 
 
-def _with_tier(base: Mapping[str, str], label: str) -> dict[str, str]:
-    return {**base, "tier": label} if label else dict(base)
+def _with_label(base: Mapping[str, str], name: str, label: str) -> dict[str, str]:
+    return {**base, LABEL_NAMES.get(name, "tier"): label} if label else dict(base)
 
 
 def _labels(labels: Mapping[str, str]) -> str:

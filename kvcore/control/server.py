@@ -25,7 +25,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import kvcore
 from kvcore.control import docs_assets
@@ -348,6 +348,48 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             return m.RouteResponse(instance=None)
         state, tokens = best
         return m.RouteResponse(instance=state.id, name=state.name, tokens=tokens)
+
+    async def gather_records(ids: list[str], args: dict[str, Any]) -> m.RequestsResponse:
+        records: list[m.RequestRecordModel] = []
+        unanswered: list[m.InstanceResult] = []
+        for answer in await ctl.dispatch_many(ids, "requests", args):
+            if not answer.ok:
+                unanswered.append(answer)
+                continue
+            found = answer.result.get("records", [])
+            for raw in found if isinstance(found, list) else []:
+                try:
+                    records.append(m.RequestRecordModel.model_validate(
+                        {**raw, "instance": answer.instance}))
+                except (ValidationError, TypeError):
+                    unanswered.append(m.InstanceResult(instance=answer.instance, ok=False,
+                                                       error="malformed request record"))
+        records.sort(key=lambda r: r.at, reverse=True)
+        return m.RequestsResponse(records=records, unanswered=unanswered)
+
+    @app.get("/v1/requests/{request_id}", response_model=m.RequestsResponse, tags=["read"],
+             dependencies=[Depends(reading)], responses={**ERRORS, **NOT_FOUND})
+    async def request_record(request_id: str) -> m.RequestsResponse:
+        """What each instance saw of one request (the engine's request id): tokens asked,
+        tokens hit by tier, and why the first missing chunk missed (docs/misses.md)."""
+        if len(request_id) > 1024:
+            raise HTTPException(404, "no request with that id (ids are at most 1024 characters)")
+        found = await gather_records(list(ctl.index.instances), {"id": request_id})
+        if not found.records:
+            asked = len(ctl.index.instances) - len(found.unanswered)
+            raise HTTPException(404, f"no instance remembers request {request_id!r} ({asked} "
+                                     "asked; each keeps its last KVCORE_REQUEST_LOG_SIZE)")
+        return found
+
+    @app.get("/v1/requests", response_model=m.RequestsResponse, tags=["read"],
+             dependencies=[Depends(reading)], responses={**ERRORS, **NOT_FOUND})
+    async def recent_requests(limit: int = Query(20, ge=1, le=1000),
+                              instance: str | None = None) -> m.RequestsResponse:
+        """The newest request records of every instance (or of one), newest first."""
+        ids = [known(instance).id] if instance is not None else list(ctl.index.instances)
+        found = await gather_records(ids, {"limit": limit})
+        found.records = found.records[:limit]
+        return found
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["read"],
              dependencies=[Depends(reading)], responses=ERRORS)

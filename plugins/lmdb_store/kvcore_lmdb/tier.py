@@ -271,6 +271,7 @@ class LmdbTier(Tier):
             self._report("read", ValueError(
                 f"{len(bad)} missing, truncated or foreign chunk(s) read as misses and removed"))
             self._drop_exact(bad)
+            self._emit("corrupt", [key for key, _ in bad])
         hits = [key for key, value in zip(keys, out) if value is not None]
         if hits:
             self._touch(hits)

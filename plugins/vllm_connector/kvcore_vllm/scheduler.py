@@ -129,8 +129,9 @@ class SchedulerSide:
             if tracked.load_cap is not None:
                 usable = min(usable, tracked.load_cap)
             if usable == 0:
+                self._record_short(tracked)
                 return 0, False
-            chunks, in_memory = self._lookup(tracked.keys[:usable])
+            chunks, in_memory = self._lookup(tracked.keys[:usable], tracked)
             if chunks and self._sample_for_verification(tracked, chunks):
                 return 0, False
             tracked.stored_chunks = max(tracked.stored_chunks, chunks)
@@ -156,12 +157,20 @@ class SchedulerSide:
         self.engine.metrics.inc("verify_sampled_total")
         return True
 
-    def _lookup(self, keys: list[ChunkKey]) -> tuple[int, int]:
+    def _record_short(self, tracked: _Tracked) -> None:
+        """Record a request with nothing to look up (shorter than a chunk), for /v1/requests."""
+        if self.worker_in_process:
+            self.engine.lookup([], request_id=tracked.request.request_id,
+                               tokens=tracked.request.prompt_token_ids or [])
+
+    def _lookup(self, keys: list[ChunkKey], tracked: _Tracked) -> tuple[int, int]:
         """Leading chunks available, and how many of those are in the worker's memory tier:
         in this process's engine, or (worker elsewhere) in the mirror of the worker's CPU tier
-        followed by this engine's shared lower tiers."""
+        followed by this engine's shared lower tiers. In process, the lookup is recorded with
+        the reason for the first chunk missing (docs/misses.md)."""
         if self.worker_in_process:  # the worker shares this process and its engine
-            found = self.engine.lookup(keys)
+            found = self.engine.lookup(keys, request_id=tracked.request.request_id,
+                                       tokens=tracked.request.prompt_token_ids)
             cpu = self.engine.memory.name
             in_memory = 0
             while in_memory < found.chunks and found.sources[in_memory] == cpu:

@@ -391,8 +391,9 @@ def inject_late_chunk_once() -> None:
     real = CacheEngine.acquire
     fired: list[bool] = []
 
-    def acquire(self: Any, keys: Any, timeout_s: float | None = None) -> Any:
-        lease = real(self, keys, timeout_s)
+    def acquire(self: Any, keys: Any, timeout_s: float | None = None,
+                request_id: str | None = None, first_chunk: int = 0) -> Any:
+        lease = real(self, keys, timeout_s, request_id, first_chunk)
         if not fired and len(lease) >= 2:
             fired.append(True)
             self.memory.release(lease.views[1:])

@@ -266,7 +266,8 @@ class WorkerSide:
             return None, 0, list(spec.block_ids), spec.first_chunk
         try:
             keys = self.own_keys(spec.keys, spec.tenant)
-            lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s)
+            lease = self.engine.acquire(keys, timeout_s=self.load_timeout_s,
+                                        request_id=spec.req_id, first_chunk=spec.first_chunk)
         except Exception as exc:
             self.failures.record("acquiring chunks", exc)
             return None, 0, list(spec.block_ids), spec.first_chunk

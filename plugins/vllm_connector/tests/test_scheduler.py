@@ -121,6 +121,30 @@ def test_tenants_never_share(harness_factory) -> None:
     h.run_until_idle()
 
 
+def test_each_request_is_recorded_with_why_it_missed(harness_factory) -> None:
+    """The scheduler side records every lookup by vLLM's request id (docs/misses.md)."""
+    h = harness_factory()
+    tokens = prompt(3, seed=15)
+    cold = h.request(tokens, salt="tenant-a")
+    h.run_until_idle()
+    assert h.scheduler.reset_prefix_cache()
+    hit = h.request(tokens, salt="tenant-a")
+    other = h.request(tokens)
+    short = h.request(tokens[: CHUNK - 2])
+    h.run_until_idle()
+    requests = h.worker.engine.requests
+    first = requests.get(cold.request_id).as_dict()
+    assert first["miss"] == {"reason": "never_stored", "chunk": 0}
+    assert first["tokens_prompt"] == 3 * CHUNK + 1
+    again = requests.get(hit.request_id).as_dict()
+    assert again["miss"] is None and again["hit_by_tier"] == {"cpu": 3 * CHUNK}
+    assert again["load"]["chunks_loaded"] == again["load"]["chunks_asked"] == 3
+    foreign = requests.get(other.request_id).as_dict()["miss"]
+    assert foreign["reason"] == "other_namespace"
+    assert foreign["differs"] == {"tenant": {"asked": "", "held": "tenant-a"}}
+    assert requests.get(short.request_id).as_dict()["miss"]["reason"] == "partial_chunk"
+
+
 def test_chunk_lost_after_promise_is_recomputed(harness_factory) -> None:
     h = harness_factory()
     tokens = prompt(4, seed=6)
@@ -142,6 +166,11 @@ def test_chunk_lost_after_promise_is_recomputed(harness_factory) -> None:
     h.step()  # recompute
     assert h.blocks_match(again, 4 * CHUNK)
     assert counter(h, "vllm_load_error_blocks_total") == 4
+    record = h.worker.engine.requests.get(again.request_id)
+    assert record.miss is None and record.load["chunks_loaded"] == 2  # found 4, loaded 2
+    assert record.load["miss"]["reason"] == "load_failed"
+    assert record.load["miss"]["chunk"] == 2
+    assert record.load["miss"]["cause"] == "deleted from cpu after the lookup"
     h.run_until_idle()
 
 
