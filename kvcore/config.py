@@ -207,6 +207,14 @@ class Settings(_KVCoreSettingsBase):
             "docs/eviction.md)."
         ),
     )
+    planner: Literal["auto", "load"] = Field(
+        "auto",
+        description=(
+            "Load or recompute: `auto` claims a chunk found below memory only when its measured "
+            "load is expected to finish before the engine would recompute it (docs/planner.md); "
+            "`load` claims every chunk found."
+        ),
+    )
     request_log_size: int = Field(
         1000, ge=0, le=1_000_000,
         description=(

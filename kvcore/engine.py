@@ -55,6 +55,7 @@ from kvcore.metrics import Metrics
 from kvcore.misses import ChunkHistory, Miss, RequestLog, RequestRecord, explain
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
+from kvcore.planner import Plan, Planner
 from kvcore.plugins import ENTRY_POINT_GROUP, PluginRegistry, get_registry
 from kvcore.tier_stack import LowerTier, TierStack
 
@@ -72,10 +73,13 @@ class LookupResult:
     """Leading chunks found: in total and by the tier that answered first for each."""
 
     chunks: int
+    """Leading chunks claimed: found, and not left to recompute by the planner."""
     chunk_size: int
     by_tier: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     """For each of the leading ``chunks``, the name of the first tier that holds it."""
+    found: int = 0
+    """Leading chunks held by some tier (``chunks`` or more)."""
 
     @property
     def tokens(self) -> int:
@@ -170,6 +174,8 @@ class CacheEngine:
         """The last requests looked up or loaded with a request id, and why they missed."""
         self._namespaces: OrderedDict[bytes, Namespace] = OrderedDict()
         self._namespaces_lock = threading.Lock()
+        self.planner = Planner(self.settings.planner)
+        """Load or recompute: the measured cost of each lower tier and of the engine's prefill."""
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
         built = list(tiers) if tiers is not None else self._build_tiers()
         first = built[0]
@@ -182,6 +188,7 @@ class CacheEngine:
                 "memory tier, such as 'cpu' (lower tiers follow it, for example cpu,lmdb)"
             )
         self.memory: MemoryTier = first
+        self.planner.memory = first.name
         """The memory tier: every load is served from it, every store lands in it first."""
         self.codecs = CodecContext(self.registry)
         """Codecs of the lower tiers and what they need to know (namespace element types)."""
@@ -213,7 +220,8 @@ class CacheEngine:
         codec = self.codecs.configured(str(getattr(tier, "codec", "none")), variable)
         return LowerTier(tier, self.settings.tier_timeout_s, self.metrics,
                          self.settings.background_nice, codec=codec, codecs=self.codecs,
-                         max_raw_bytes=self.memory.budget, history=self.history)
+                         max_raw_bytes=self.memory.budget, history=self.history,
+                         cost=self.planner.tier(tier.name))
 
     def _build_tiers(self) -> list[Tier]:
         """The tiers of ``settings.tiers``; when one fails to build, those already built are
@@ -321,16 +329,19 @@ class CacheEngine:
         started = time.perf_counter()
         keys = list(keys)
         source = self.stack.locate(keys)
-        n = next((i for i, s in enumerate(source) if s is None), len(keys))
-        result = LookupResult(n, self.chunk_size)
+        found = next((i for i, s in enumerate(source) if s is None), len(keys))
+        plan = self.planner.plan([s for s in source[:found] if s is not None], self.chunk_size,
+                                 len(tokens) if tokens is not None else len(keys) * self.chunk_size)
+        n = plan.claim
+        result = LookupResult(n, self.chunk_size, found=found)
         for name in source[:n]:
             assert name is not None  # the first n chunks all have a source
             result.by_tier[name] = result.by_tier.get(name, 0) + 1
-        in_memory = [k for k, s in zip(keys[:n], source[:n]) if s == self.memory.name]
+        in_memory = [k for k, s in zip(keys[:found], source[:found]) if s == self.memory.name]
         if in_memory:
             self.memory.touch(in_memory)
         if self.lower:
-            again = set(self.pipeline.admission.asked(keys, n))
+            again = set(self.pipeline.admission.asked(keys, found))
             self.pipeline.copy_down([k for k in in_memory if k in again])
         below = [i for i in range(n) if source[i] != self.memory.name]
         if prefetch and below:
@@ -338,7 +349,7 @@ class CacheEngine:
                                    {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.sources = [s for s in source[:n] if s is not None]
         if request_id is not None:
-            self._record_lookup(request_id, keys, result, tokens)
+            self._record_lookup(request_id, keys, result, tokens, plan)
         self.metrics.inc("lookups_total")
         self.metrics.inc("hit_tokens_total", n * self.chunk_size)
         self.metrics.inc("miss_tokens_total", (len(keys) - n) * self.chunk_size)
@@ -346,11 +357,16 @@ class CacheEngine:
         return result
 
     def _record_lookup(self, request_id: str, keys: list[ChunkKey], result: LookupResult,
-                       tokens: Sequence[int] | None) -> None:
+                       tokens: Sequence[int] | None, plan: Plan) -> None:
         n = result.chunks
         miss: Miss | None = None
         if not keys:
             miss = Miss("partial_chunk", 0)
+        elif plan.claim < plan.found:
+            miss = Miss("planner_skipped", n, {
+                "tier": plan.tier, "found_tokens": plan.found * self.chunk_size,
+                "load_s": round(plan.load_s or 0.0, 6),
+                "recompute_s": round(plan.recompute_s or 0.0, 6)})
         elif n < len(keys):
             with self._namespaces_lock:
                 namespaces = list(self._namespaces.values())
@@ -399,6 +415,11 @@ class CacheEngine:
             self.metrics.inc("request_misses_total", label=reason)
             log.debug("kvcore request %s: load short: %s", request_id, load["miss"])
         record.load = load
+
+    def observe_prefill(self, steps: list[tuple[int, int]], seconds: float) -> None:
+        """An engine's forward step took ``seconds`` computing, for each request,
+        ``(context tokens before, new tokens)``: the planner's model of recomputing."""
+        self.planner.prefill.observe(steps, seconds)
 
     def lookup_tokens(self, namespace: Namespace, tokens: Sequence[int]) -> int:
         """Leading cached tokens of a prompt (a multiple of the chunk size)."""

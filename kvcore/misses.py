@@ -33,6 +33,8 @@ REASONS: dict[str, str] = {
                     "admission (KVCORE_LOWER_ADMISSION) had not admitted it.",
     "other_namespace": "Held under another namespace: `differs` names the fields "
                        "(model, layout, rank, tenant, ...).",
+    "planner_skipped": "Found below memory, but the planner expected recomputing it to be "
+                       "faster than loading it (`load_s`, `recompute_s`).",
     "load_failed": "Found at lookup, but the load did not deliver it.",
     "load_late": "Found at lookup, but the load did not finish within its timeout.",
     "partial_chunk": "The prompt is shorter than one chunk: nothing to look up.",

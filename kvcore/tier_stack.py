@@ -28,6 +28,7 @@ from kvcore.interfaces import Buffer, Codec, MemoryTier, Tier
 from kvcore.keys import ChunkKey, Namespace, key_namespace
 from kvcore.metrics import Metrics
 from kvcore.misses import ChunkHistory
+from kvcore.planner import TierCost
 
 log = logging.getLogger("kvcore.engine")
 
@@ -50,11 +51,12 @@ class LowerTier:
     def __init__(self, tier: Tier, timeout_s: float, metrics: Metrics, nice: int = 0,
                  codec: Codec | None = None, codecs: CodecContext | None = None,
                  max_raw_bytes: int = chunk_format.MAX_CODED_RAW_BYTES,
-                 history: ChunkHistory | None = None) -> None:
+                 history: ChunkHistory | None = None, cost: TierCost | None = None) -> None:
         """``codec`` encodes what this tier stores (``None``: raw); ``codecs`` decodes what it
         holds (any registered codec) and knows each namespace's element type;
         ``max_raw_bytes`` bounds the raw size an encoded frame may claim (the memory budget);
-        ``history`` is told what this tier stored and what failed verification."""
+        ``history`` is told what this tier stored and what failed verification; ``cost``
+        times every read (the planner's model of this tier)."""
         self.tier = tier
         self.name = tier.name
         self.timeout_s = timeout_s
@@ -63,6 +65,7 @@ class LowerTier:
         self.codecs = codecs
         self.max_raw_bytes = max_raw_bytes
         self.history = history
+        self.cost = cost
         self.timeouts = 0
         """Calls that did not answer within the timeout (a load that ran late)."""
         self._unreadable: OrderedDict[bytes, None] = OrderedDict()
@@ -101,6 +104,16 @@ class LowerTier:
         """Raw payloads of ``keys`` with the codec each was stored with (None for a miss).
         A value that fails its checksum or does not decode is deleted; one written with a
         codec unknown here is a miss but kept (an engine that has the codec can read it)."""
+        if self.cost is None:
+            return self._get_decoded(keys)
+        started = time.perf_counter()
+        self.cost.started(len(keys))
+        try:
+            return self._get_decoded(keys)
+        finally:  # framing, verification and decoding included: what a load waits for
+            self.cost.finished(len(keys), time.perf_counter() - started)
+
+    def _get_decoded(self, keys: Sequence[ChunkKey]) -> list[tuple[memoryview, str] | None]:
         values = self.call("get", self.tier.get, list(keys), default=None)
         if values is None or len(values) != len(keys):
             return [None] * len(keys)

@@ -128,3 +128,22 @@ def test_cli_synth_then_replay_each_policy(policy: str, tmp_path: Path,
     assert out["policy"] == policy and out["requests"] == 400
     assert 0.0 < out["hit_ratio"] <= out["belady_hit_ratio"] + 1e-9
     assert out["lru_hit_ratio"] > 0.0
+
+
+def test_saved_prefill_weighs_later_blocks_more(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A block deep in a prompt costs more to recompute (attention over all before it): the
+    saved share of prefill time is reported beside the hit ratio, for Belady too."""
+    from kvcore.trace.replay import prefix_cost
+
+    assert prefix_cost(0) == 0.0
+    assert prefix_cost(2, block_tokens=16, attention_tokens=16) == 2 + 2  # 1.5 + 2.5
+    assert prefix_cost(64) - prefix_cost(63) > prefix_cost(1) - prefix_cost(0)
+    path = write(tmp_path, to_jsonl(documents(300, seed=8)))
+    assert main(["trace", "replay", "--trace", str(path), "--capacity-blocks", "200",
+                 "--policy", "lru", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 < out["saved_prefill_ratio"] == out["lru_saved_prefill_ratio"]
+    assert out["saved_prefill_ratio"] <= 1.0 and out["belady_saved_prefill_ratio"] > 0.0
+    # leading runs are hit: the saved share of time is below the share of blocks
+    assert out["saved_prefill_ratio"] < out["hit_ratio"]

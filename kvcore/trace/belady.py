@@ -30,10 +30,12 @@ def next_uses(requests: Sequence[Sequence[Hashable]]) -> list[list[int]]:
 
 
 def belady_hits(requests: Sequence[Sequence[Hashable]], capacity: int,
-                by_use: Counter[int] | None = None) -> tuple[int, int]:
+                by_use: Counter[int] | None = None,
+                runs: list[int] | None = None) -> tuple[int, int]:
     """(hit blocks, total blocks) of the clairvoyant policy at ``capacity`` blocks.
 
-    ``by_use``, if given, counts the hits by how often their block was used before (capped at 6).
+    ``by_use``, if given, counts the hits by how often their block was used before (capped at 6);
+    ``runs``, if given, gets each request's leading hit run.
     """
     following = next_uses(requests)
     used: Counter[Hashable] = Counter()
@@ -47,6 +49,8 @@ def belady_hits(requests: Sequence[Sequence[Hashable]], capacity: int,
         while run < len(blocks) and blocks[run] in cached:
             run += 1
         hits += run
+        if runs is not None:
+            runs.append(run)
         if by_use is not None:
             for block in blocks[:run]:
                 by_use[min(used[block], 6)] += 1

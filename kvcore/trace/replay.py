@@ -24,6 +24,18 @@ from kvcore.trace.truncate import Block, Truncation, request_blocks
 
 PAYLOAD_BYTES = 64
 """Bytes stored per block: the replay measures hits, not copies."""
+ATTENTION_TOKENS = 32768
+"""Context length at which a token's attention costs as much as the rest of its prefill (about
+32K for Llama-3-8B: 4 x 4096 x 32 FLOPs per context token against 2 x 8e9 per token): a block
+at context ``c`` costs ``1 + c / ATTENTION_TOKENS`` times a block at the start."""
+
+
+def prefix_cost(run: int, block_tokens: int = BLOCK_TOKENS,
+                attention_tokens: int = ATTENTION_TOKENS) -> float:
+    """Prefill cost of a prompt's first ``run`` blocks, in blocks at context 0 (later blocks
+    cost more: they attend to everything before them)."""
+    step = block_tokens / attention_tokens
+    return run + step * run * run / 2
 
 
 @dataclass
@@ -37,10 +49,18 @@ class ReplayResult:
     hit_blocks: int
     evictions: int
     seconds: float
+    saved_cost: float = 0.0
+    """Prefill cost of the hit blocks (:func:`prefix_cost`)."""
+    total_cost: float = 0.0
 
     @property
     def hit_ratio(self) -> float:
         return self.hit_blocks / self.blocks if self.blocks else 0.0
+
+    @property
+    def saved_prefill_ratio(self) -> float:
+        """The share of all prefill time the hits saved."""
+        return self.saved_cost / self.total_cost if self.total_cost else 0.0
 
 
 def prepare(
@@ -84,6 +104,7 @@ def replay(
     )
     payload = bytes(PAYLOAD_BYTES)
     hits = blocks = 0
+    saved = total = 0.0
     started = time.perf_counter()
     tiers = None
     if not isinstance(policy, str):
@@ -92,16 +113,25 @@ def replay(
         for keys in requests:
             if not keys:
                 continue
-            hits += engine.lookup(keys, prefetch=False).chunks
+            run = engine.lookup(keys, prefetch=False).chunks
+            hits += run
             blocks += len(keys)
+            saved += prefix_cost(run)
+            total += prefix_cost(len(keys))
             engine.store_buffers(keys, [payload] * len(keys)).wait()
         memory = engine.memory
         evictions = memory.evictions if isinstance(memory, CpuTier) else 0
     seconds = time.perf_counter() - started
-    return ReplayResult(name, capacity, len(requests), blocks, hits, evictions, seconds)
+    return ReplayResult(name, capacity, len(requests), blocks, hits, evictions, seconds,
+                        saved, total)
 
 
-def belady_ratio(requests: Sequence[Sequence[Block]], capacity: int) -> float:
-    """Hit ratio of Belady's clairvoyant policy at ``capacity`` blocks."""
-    hits, total = belady_hits(requests, capacity)
-    return hits / total if total else 0.0
+def belady_ratios(requests: Sequence[Sequence[Block]], capacity: int) -> tuple[float, float]:
+    """Hit ratio and saved-prefill ratio of Belady's policy (which maximises hits) at
+    ``capacity`` blocks."""
+    runs: list[int] = []
+    hits, total = belady_hits(requests, capacity, runs=runs)
+    if not total:
+        return 0.0, 0.0
+    cost = sum(prefix_cost(len(r)) for r in requests)
+    return hits / total, sum(prefix_cost(r) for r in runs) / cost if cost else 0.0

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvcore.trace.format import Request
-from kvcore.trace.replay import belady_ratio, prepare, replay, to_keys
+from kvcore.trace.replay import ATTENTION_TOKENS, belady_ratios, prepare, replay, to_keys
 from kvcore.trace.truncate import Truncation
 
 
@@ -17,7 +17,7 @@ def compare(requests: Sequence[Request], capacity: int, policy: str,
     keys = to_keys(blocks)
     main = replay(keys, capacity, policy)
     lru = main if policy == "lru" else replay(keys, capacity, "lru")
-    belady = belady_ratio(blocks, capacity)
+    belady, belady_saved = belady_ratios(blocks, capacity)
     return {
         "policy": policy,
         "capacity_blocks": capacity,
@@ -29,6 +29,10 @@ def compare(requests: Sequence[Request], capacity: int, policy: str,
         "belady_hit_ratio": belady,
         "ratio_to_belady": main.hit_ratio / belady if belady else 0.0,
         "lru_ratio_to_belady": lru.hit_ratio / belady if belady else 0.0,
+        "saved_prefill_ratio": main.saved_prefill_ratio,
+        "lru_saved_prefill_ratio": lru.saved_prefill_ratio,
+        "belady_saved_prefill_ratio": belady_saved,
+        "attention_tokens": ATTENTION_TOKENS,
         "evictions": main.evictions,
         "replay_requests_per_s": main.requests / main.seconds if main.seconds else 0.0,
         "input_tokens": tokens_in,

@@ -184,3 +184,36 @@ def test_a_chunk_the_tier_drops_unannounced_is_evicted_without_a_policy(open_eng
     miss = _miss(engine, "r1")
     assert miss["reason"] == "evicted" and miss["tier"] == "lmdb"
     assert miss["at"] is None and miss["policy"] == ""
+
+
+def test_planner_skips_a_throttled_tier_and_says_why(open_engine) -> None:
+    """A real LMDB read slowed to 0.1 s a chunk, an engine that computes a chunk in 4 ms (as
+    the vLLM connector reports its forward steps): the chunks are left to recompute."""
+    engine = open_engine()
+    keys = _store(engine, PROMPT)
+    engine.clear(tier="cpu")
+    for context, tokens in ((0, 64), (64, 128), (0, 256)):
+        engine.observe_prefill([(context, tokens)], 1e-3 * tokens)
+    tier = engine.lower[0].tier
+    real_get = tier.get
+
+    def slow_get(wanted):  # a real LMDB read, throttled
+        time.sleep(0.1 * len(wanted))
+        return real_get(wanted)
+
+    tier.get = slow_get
+    assert engine.lookup(keys).chunks == 4  # its first read: claimed, and measured
+    assert engine.flush(10)
+    engine.pipeline.wait_inflight(keys, 5.0)
+    engine.clear(tier="cpu")
+    found = engine.lookup(keys, request_id="r1", tokens=PROMPT)
+    assert (found.chunks, found.found) == (0, 4)
+    record = engine.requests.get("r1")
+    assert record is not None and record.miss is not None
+    miss = record.miss.as_dict()
+    assert (miss["reason"], miss["chunk"], miss["tier"]) == ("planner_skipped", 0, "lmdb")
+    assert miss["load_s"] > 10 * miss["recompute_s"] > 0
+    assert engine.metrics.get("request_misses_total", "planner_skipped") == 1
+    tier.get = real_get
+    engine.planner.mode = "load"
+    assert engine.lookup(keys).chunks == 4

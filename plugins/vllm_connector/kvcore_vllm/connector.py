@@ -95,6 +95,9 @@ class KVCoreConnector(KVConnectorBase_V1):
         blocks_per_chunk = check_chunk_size(settings.chunk_size, block_size)
         scheduler_only = (role == KVConnectorRole.SCHEDULER
                           and not _workers_in_scheduler_process(vllm_config))
+        self._step_started: float | None = None
+        """When this step's metadata was bound (its forward follows): the planner's clock."""
+        self._step_loading_s = 0.0
         self.engine = acquire_engine(settings, attachments=not scheduler_only)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
@@ -166,11 +169,28 @@ class KVCoreConnector(KVConnectorBase_V1):
             except Exception as exc:
                 self.worker.failures.record("cancelling stores", exc)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._step_started, self._step_loading_s = time.perf_counter(), 0.0
+
+    def _observe_step(self, meta: KVConnectorMetadata) -> None:
+        """The step's forward time (bind to save, less kvcore's own loading) for the planner.
+        vLLM on CPU runs the forward synchronously in between; on a GPU it would have to be
+        synchronised first, so only CPU steps are timed."""
+        started = self._step_started
+        if (started is None or self.worker is None or not isinstance(meta, KVCoreMetadata)
+                or not meta.step or torch.cuda.is_initialized()):
+            return
+        seconds = time.perf_counter() - started - self._step_loading_s
+        self._step_started = None
+        self.worker.engine.observe_prefill(meta.step, seconds)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if self.worker is None or not isinstance(meta, KVCoreMetadata):
             return
         self.handle_preemptions(meta)
+        loading = time.perf_counter()
         try:
             with self._timed("start_load_kv"):
                 self.worker.start_load(meta)
@@ -179,6 +199,8 @@ class KVCoreConnector(KVConnectorBase_V1):
                 if not spec.is_async:
                     self.worker.fail_blocks(spec.block_ids)
             self.worker.failures.record("load", exc)
+        finally:
+            self._step_loading_s = time.perf_counter() - loading
 
     @guarded("layer-wise load", failures="_worker_failures")
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -194,6 +216,7 @@ class KVCoreConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         try:
+            self._observe_step(meta)
             with self._timed("wait_for_save"):
                 self.worker.finish_layerwise()
                 if isinstance(meta, KVCoreMetadata):

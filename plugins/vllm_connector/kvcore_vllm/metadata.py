@@ -62,6 +62,9 @@ class KVCoreMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
+    step: list[tuple[int, int]] = field(default_factory=list)
+    """``(tokens computed before, tokens scheduled)`` of each request this step: the worker
+    times the step and feeds kvcore's planner (its model of recomputing)."""
 
 
 @dataclass

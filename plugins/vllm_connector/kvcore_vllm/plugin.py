@@ -46,3 +46,4 @@ def kvcore_register_benchmarks(register: Callable[..., None]) -> None:
     register("stall", *_lazy_benchmark("kvcore_vllm.bench_stall"))
     register("verify", *_lazy_benchmark("kvcore_vllm.bench_verify"))
     register("codec", *_lazy_benchmark("kvcore_vllm.bench_codec"))
+    register("planner", *_lazy_benchmark("kvcore_vllm.bench_planner"))

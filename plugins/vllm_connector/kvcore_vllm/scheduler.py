@@ -235,6 +235,7 @@ class SchedulerSide:
             tracked = self._requests.get(req_id)
             if tracked is None:
                 continue
+            meta.step.append((int(tracked.request.num_computed_tokens), int(scheduled)))
             try:
                 self._plan_stores(meta, tracked, req_id, scheduled)
             except Exception as exc:
