@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -50,12 +48,12 @@ from kvcore.config import (
     unknown_variables,
 )
 from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
-from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace, chunk_keys
+from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
-from kvcore.misses import ChunkHistory, Miss, RequestLog, RequestRecord, explain
+from kvcore.misses import ChunkHistory, MissRecorder, RequestLog
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
-from kvcore.planner import Plan, Planner
+from kvcore.planner import Planner
 from kvcore.plugins import ENTRY_POINT_GROUP, PluginRegistry, get_registry
 from kvcore.tier_stack import LowerTier, TierStack
 
@@ -63,10 +61,6 @@ __all__ = ["BufferSource", "CacheEngine", "ChunkLease", "ChunkSource", "LookupRe
            "StoreHandle", "open_engine"]
 
 log = logging.getLogger("kvcore.engine")
-
-MAX_NAMESPACES = 256
-"""Namespaces an engine remembers having seen (to say which field a miss differs in)."""
-
 
 @dataclass
 class LookupResult:
@@ -172,8 +166,8 @@ class CacheEngine:
         """The latest fate of each chunk in each tier (why a later lookup misses)."""
         self.requests = RequestLog(self.settings.request_log_size)
         """The last requests looked up or loaded with a request id, and why they missed."""
-        self._namespaces: OrderedDict[bytes, Namespace] = OrderedDict()
-        self._namespaces_lock = threading.Lock()
+        self.recorder = MissRecorder(self.history, self.requests, self.metrics,
+                                     self.chunk_size)
         self.planner = Planner(self.settings.planner)
         """Load or recompute: the measured cost of each lower tier and of the engine's prefill."""
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
@@ -188,8 +182,8 @@ class CacheEngine:
                 "memory tier, such as 'cpu' (lower tiers follow it, for example cpu,lmdb)"
             )
         self.memory: MemoryTier = first
-        self.planner.memory = first.name
         """The memory tier: every load is served from it, every store lands in it first."""
+        self.planner.memory = first.name
         self.codecs = CodecContext(self.registry)
         """Codecs of the lower tiers and what they need to know (namespace element types)."""
         try:
@@ -294,26 +288,19 @@ class CacheEngine:
 
     # -- keys ------------------------------------------------------------------------------------
 
-    def _remember(self, namespace: Namespace) -> None:
-        with self._namespaces_lock:
-            self._namespaces[namespace.digest] = namespace
-            self._namespaces.move_to_end(namespace.digest)
-            while len(self._namespaces) > MAX_NAMESPACES:
-                self._namespaces.popitem(last=False)
-
     def keys_for(self, namespace: Namespace | bytes,
                  tokens: Sequence[int] | np.ndarray) -> list[ChunkKey]:
         """Keys of the full chunks of ``tokens`` under ``namespace`` (or its digest)."""
         if isinstance(namespace, Namespace):
             self.codecs.note_namespace(namespace)
-            self._remember(namespace)
+            self.recorder.remember(namespace)
         return chunk_keys(namespace, tokens, self.chunk_size)
 
     def note_namespace(self, namespace: Namespace) -> None:
         """Tell the codecs ``namespace``'s element type, for a connector that derives keys by
         digest (a chunk whose namespace is not known is stored raw)."""
         self.codecs.note_namespace(namespace)
-        self._remember(namespace)
+        self.recorder.remember(namespace)
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -349,72 +336,13 @@ class CacheEngine:
                                    {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.sources = [s for s in source[:n] if s is not None]
         if request_id is not None:
-            self._record_lookup(request_id, keys, result, tokens, plan)
+            self.recorder.lookup(request_id, keys, n, result.by_tier, result.sources, tokens,
+                                 plan, self.stack.locate)
         self.metrics.inc("lookups_total")
         self.metrics.inc("hit_tokens_total", n * self.chunk_size)
         self.metrics.inc("miss_tokens_total", (len(keys) - n) * self.chunk_size)
         self.metrics.observe("lookup_seconds", time.perf_counter() - started)
         return result
-
-    def _record_lookup(self, request_id: str, keys: list[ChunkKey], result: LookupResult,
-                       tokens: Sequence[int] | None, plan: Plan) -> None:
-        n = result.chunks
-        miss: Miss | None = None
-        if not keys:
-            miss = Miss("partial_chunk", 0)
-        elif plan.claim < plan.found:
-            miss = Miss("planner_skipped", n, {
-                "tier": plan.tier, "found_tokens": plan.found * self.chunk_size,
-                "load_s": round(plan.load_s or 0.0, 6),
-                "recompute_s": round(plan.recompute_s or 0.0, 6)})
-        elif n < len(keys):
-            with self._namespaces_lock:
-                namespaces = list(self._namespaces.values())
-                ours = self._namespaces.get(keys[n][:NAMESPACE_BYTES])
-            miss = explain(keys[n], n, self.history, namespaces, ours, tokens, self.chunk_size,
-                           self.stack.locate)
-        record = RequestRecord(
-            id=request_id, at=time.time(),
-            namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
-            tokens_asked=len(keys) * self.chunk_size, tokens_hit=result.tokens,
-            hit_by_tier={t: c * self.chunk_size for t, c in result.by_tier.items()},
-            sources=list(result.sources),
-            tokens_prompt=len(tokens) if tokens is not None else None, miss=miss)
-        if self.requests.put(record) and miss is not None:
-            self.metrics.inc("request_misses_total", label=miss.reason)
-        log.debug("kvcore request %s: asked %d tokens, hit %d %s, miss %s", request_id,
-                  record.tokens_asked, record.tokens_hit, record.hit_by_tier,
-                  miss.as_dict() if miss is not None else None)
-
-    def _record_load(self, request_id: str, keys: list[ChunkKey], loaded: int,
-                     first_chunk: int, late: bool) -> None:
-        """Note how a load of chunks ``first_chunk...`` of a request went (and why it fell
-        short)."""
-        record = self.requests.get(request_id)
-        if record is None:  # looked up in another process (vLLM's scheduler): load facts only
-            record = RequestRecord(id=request_id, at=time.time(),
-                                   namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
-                                   tokens_asked=0, tokens_hit=0, hit_by_tier={}, sources=[])
-            self.requests.put(record)
-        load: dict[str, Any] = {"from_chunk": first_chunk, "chunks_asked": len(keys),
-                                "chunks_loaded": loaded, "miss": None}
-        if loaded < len(keys):
-            chunk = first_chunk + loaded
-            tier = record.sources[chunk] if chunk < len(record.sources) else None
-            fates = [f for f in self.history.fates(keys[loaded]) if f.at >= record.at]
-            gone = [f for f in fates if f.event in ("evicted", "deleted")]
-            cause = ("failed verification" if any(f.event == "corrupt" for f in fates)
-                     else f"{gone[-1].event} from {gone[-1].tier} after the lookup" if gone
-                     else "not readable (tier error or timeout, see the tier's errors)")
-            reason = "load_late" if late else "load_failed"
-            detail: dict[str, Any] = {"tier": tier, "cause": cause if not late else
-                                      "a read ran past its timeout (KVCORE_TIER_TIMEOUT_S, "
-                                      "or the connector's load timeout)"}
-            miss = Miss(reason, chunk, detail)
-            load["miss"] = miss.as_dict()
-            self.metrics.inc("request_misses_total", label=reason)
-            log.debug("kvcore request %s: load short: %s", request_id, load["miss"])
-        record.load = load
 
     def observe_prefill(self, steps: list[tuple[int, int]], seconds: float) -> None:
         """An engine's forward step took ``seconds`` computing, for each request,
@@ -484,7 +412,7 @@ class CacheEngine:
         self.metrics.inc("bytes_loaded_total", sum(v.nbytes for v in leased), self.memory.name)
         if request_id is not None:
             late = not in_time or self.stack.timeouts() > timeouts
-            self._record_load(request_id, keys, n, first_chunk, late)
+            self.recorder.load(request_id, keys, n, first_chunk, late)
         return ChunkLease(self.memory, keys[:n], leased)
 
     def retrieve(self, keys: Sequence[ChunkKey], dests: Sequence[Any]) -> int:

@@ -6,7 +6,9 @@
   from :data:`REASONS` and the facts behind it (which tier, when, by which policy; which
   namespace field differs);
 - :class:`RequestLog` keeps the last requests' :class:`RequestRecord` (tokens asked, tokens hit
-  by tier, the miss, how the load went), served by the controller at ``/v1/requests``.
+  by tier, the miss, how the load went), served by the controller at ``/v1/requests``;
+- :class:`MissRecorder` makes those records for an engine, counts misses by reason and logs
+  them at DEBUG.
 
 Everything is bounded by a count of entries (``KVCORE_CHUNK_HISTORY_SIZE``,
 ``KVCORE_REQUEST_LOG_SIZE``); the oldest are forgotten first.
@@ -14,6 +16,7 @@ Everything is bounded by a count of entries (``KVCORE_CHUNK_HISTORY_SIZE``,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace, chunk_keys
+from kvcore.metrics import Metrics
+from kvcore.planner import Plan
+
+log = logging.getLogger("kvcore.engine")
 
 REASONS: dict[str, str] = {
     "never_stored": "No tier of this instance ever held the chunk (as far as it remembers).",
@@ -230,3 +237,94 @@ class RequestLog:
         with self._lock:
             records = list(self._records.values())
         return records[::-1][: max(0, limit)]
+
+
+MAX_NAMESPACES = 256
+"""Namespaces an engine remembers having seen (to say which field a miss differs in)."""
+
+
+class MissRecorder:
+    """Makes the record of each request an engine looks up or loads with a request id: the
+    reason for its first missing chunk (:func:`explain`), counted by reason and logged at
+    DEBUG."""
+
+    def __init__(self, history: ChunkHistory, requests: RequestLog, metrics: Metrics,
+                 chunk_size: int) -> None:
+        self.history = history
+        self.requests = requests
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+        self._namespaces: OrderedDict[bytes, Namespace] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, namespace: Namespace) -> None:
+        """A namespace this engine derived keys from (a miss may find its chunks held under
+        another one)."""
+        with self._lock:
+            self._namespaces[namespace.digest] = namespace
+            self._namespaces.move_to_end(namespace.digest)
+            while len(self._namespaces) > MAX_NAMESPACES:
+                self._namespaces.popitem(last=False)
+
+    def lookup(self, request_id: str, keys: list[ChunkKey], claimed: int,
+               by_tier: dict[str, int], sources: list[str], tokens: Sequence[int] | None,
+               plan: Plan, locate: Callable[[list[ChunkKey]], list[str | None]]) -> None:
+        """Record a lookup that claimed the first ``claimed`` of ``keys``."""
+        size = self.chunk_size
+        miss: Miss | None = None
+        if not keys:
+            miss = Miss("partial_chunk", 0)
+        elif plan.claim < plan.found:
+            miss = Miss("planner_skipped", claimed, {
+                "tier": plan.tier, "found_tokens": plan.found * size,
+                "load_s": round(plan.load_s or 0.0, 6),
+                "recompute_s": round(plan.recompute_s or 0.0, 6)})
+        elif claimed < len(keys):
+            with self._lock:
+                namespaces = list(self._namespaces.values())
+                ours = self._namespaces.get(keys[claimed][:NAMESPACE_BYTES])
+            miss = explain(keys[claimed], claimed, self.history, namespaces, ours, tokens, size,
+                           locate)
+        record = RequestRecord(
+            id=request_id, at=time.time(),
+            namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
+            tokens_asked=len(keys) * size, tokens_hit=claimed * size,
+            hit_by_tier={t: c * size for t, c in by_tier.items()}, sources=list(sources),
+            tokens_prompt=len(tokens) if tokens is not None else None, miss=miss)
+        if self.requests.put(record) and miss is not None:
+            self.metrics.inc("request_misses_total", label=miss.reason)
+        log.debug("kvcore request %s: asked %d tokens, hit %d %s, miss %s", request_id,
+                  record.tokens_asked, record.tokens_hit, record.hit_by_tier,
+                  miss.as_dict() if miss is not None else None)
+
+    def load(self, request_id: str, keys: list[ChunkKey], loaded: int, first_chunk: int,
+             late: bool) -> None:
+        """Record how a load of chunks ``first_chunk...`` of a request went (and why it fell
+        short)."""
+        record = self.requests.get(request_id)
+        if record is None:  # looked up in another process (vLLM's scheduler): load facts only
+            record = RequestRecord(id=request_id, at=time.time(),
+                                   namespace=keys[0][:NAMESPACE_BYTES].hex() if keys else "",
+                                   tokens_asked=0, tokens_hit=0, hit_by_tier={}, sources=[])
+            self.requests.put(record)
+        load: dict[str, Any] = {"from_chunk": first_chunk, "chunks_asked": len(keys),
+                                "chunks_loaded": loaded, "miss": None}
+        if loaded < len(keys):
+            chunk = first_chunk + loaded
+            tier = record.sources[chunk] if chunk < len(record.sources) else None
+            fates = [f for f in self.history.fates(keys[loaded]) if f.at >= record.at]
+            gone = [f for f in fates if f.event in ("evicted", "deleted")]
+            if late:
+                cause = ("a read ran past its timeout (KVCORE_TIER_TIMEOUT_S, or the "
+                         "connector's load timeout)")
+            elif any(f.event == "corrupt" for f in fates):
+                cause = "failed verification"
+            elif gone:
+                cause = f"{gone[-1].event} from {gone[-1].tier} after the lookup"
+            else:
+                cause = "not readable (tier error or timeout, see the tier's errors)"
+            reason = "load_late" if late else "load_failed"
+            load["miss"] = Miss(reason, chunk, {"tier": tier, "cause": cause}).as_dict()
+            self.metrics.inc("request_misses_total", label=reason)
+            log.debug("kvcore request %s: load short: %s", request_id, load["miss"])
+        record.load = load

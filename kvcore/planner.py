@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MARGIN = 1.2
+MARGIN = 1.05
 """A load is skipped only when expected to take this many times longer than recomputing."""
 ALPHA = 0.5
 """Weight of the newest read in a tier's moving average (a tier that slows is seen at once)."""
