@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.tom
 	# their PyPI builds break `import transformers` next to the CPU torch
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q --no-build-isolation -e '.[test,controller,compression]'
+	$(PIP) install -q --no-build-isolation -e '.[test,controller,compression,events]'
 	for p in $(PLUGINS); do if [ -f $$p/pyproject.toml ]; then $(PIP) install -q --no-build-isolation -e $$p || exit 1; fi; done
 	$(PIP) install -q --no-build-isolation -e examples/kvcore-example-tier
 	# NIXL without the meta-package (which wants a CUDA torch); the UCX backend runs on CPU

@@ -73,6 +73,11 @@ CATALOGUE: dict[str, str] = {
     "verify_skipped_total": "Verifications skipped (too many waiting).",
     "verify_errors_total": "Verifications that failed.",
     "verify_difference": "Largest relative difference of a chunk accepted within tolerance.",
+    # KV events (kvcore.events)
+    "kv_events_published_total": "KV events published (BlockStored, BlockRemoved).",
+    "kv_events_dropped_total": "Tier notifications dropped before publishing (queue full).",
+    "kv_events_errors_total": "Failures of the KV event publisher thread.",
+    "kv_events_bad_replays_total": "Malformed replay requests ignored.",
     # the controller
     "controller_instances": "Instances registered with the controller.",
     "controller_chunks_indexed": "Chunks the controller's index holds, by instance and tier.",

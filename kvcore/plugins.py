@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.trace.bench_plugin",
     "kvcore.copy.bench",
     "kvcore.control.plugin",
+    "kvcore.events.kv_events",
     "kvcore.codecs.builtin_codecs",
 )
 
@@ -87,9 +88,9 @@ def _settings_class(cls: type) -> tuple[str, Any]:
     return cls.__name__, cls
 
 
-_PREFIX = re.compile(r"KVCORE_(?:[A-Z][A-Z0-9]*_)?")
-"""``KVCORE_<PLUGIN>_`` (or bare ``KVCORE_`` for a built-in's fields, such as the copy
-settings' ``copy_*``)."""
+_PREFIX = re.compile(r"KVCORE_(?:[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*_)?")
+"""``KVCORE_<PLUGIN>_``, the name possibly of several words (``KVCORE_KV_EVENTS_``), or bare
+``KVCORE_`` for a built-in's fields, such as the copy settings' ``copy_*``."""
 
 
 def _benchmark(name: str, add_arguments: Callable[..., Any],

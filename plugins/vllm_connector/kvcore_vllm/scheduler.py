@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcore.engine import CacheEngine
+from kvcore.events.publisher import KVEventPublisher
 from kvcore.failures import FailureLog
 from kvcore.keys import ChunkKey, Namespace
+from kvcore_vllm.events import chunk_labels
 from kvcore_vllm.metadata import KVCoreMetadata, LoadSpec, StoreSpec
 
 log = logging.getLogger("vllm.kvcore")
@@ -101,7 +103,18 @@ class SchedulerSide:
                                         request.prompt_token_ids or [])
             tracked = _Tracked(request, keys, tenant=tenant)
             self._requests[request.request_id] = tracked
+            self._label(request, keys)
         return tracked
+
+    def _label(self, request: Any, keys: list[ChunkKey]) -> None:
+        """Tell kvcore's KV event publisher (when it runs in this process) vLLM's block hashes
+        of the request's chunks, announced when they are stored or promoted."""
+        publisher = self.engine.attachments.get("kv_events") if self.worker_in_process else None
+        if isinstance(publisher, KVEventPublisher) and keys:
+            pool = getattr(self.kv_cache_manager, "block_pool", None)
+            labels = chunk_labels(request, len(keys), self.block_size, self.blocks_per_chunk,
+                                  getattr(pool, "hash_block_size", None))
+            publisher.label(keys[:len(labels)], labels)
 
     def _block_ids(self, req_id: str) -> list[int]:
         return list(self.kv_cache_manager.get_block_ids(req_id)[0])

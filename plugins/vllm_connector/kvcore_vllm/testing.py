@@ -111,6 +111,8 @@ class Step:
     flush_kvcore: bool = True
     """Wait for kvcore's queued stores after this step (so the next step can hit)."""
     label: str = ""
+    pause_s: float = 0.0
+    """Keep the engine idle this long after the step (a test acts on it meanwhile)."""
 
 
 @dataclass
@@ -214,6 +216,10 @@ def _child(spec_path: str, out_path: str) -> None:
         "kv_cache_memory_bytes": 1 << 30,
     }
     kwargs.update(spec["llm_kwargs"])
+    if isinstance(kwargs.get("kv_events_config"), dict):  # vLLM's own KV events (JSON spec)
+        from vllm.config import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
     if spec["connector"]:
         from vllm.config import KVTransferConfig
 
@@ -247,6 +253,7 @@ def _child(spec_path: str, out_path: str) -> None:
             _flush_connector()
             drain(llm)
             _flush_connector()  # what the drained steps stored or verified
+        time.sleep(step["pause_s"])
         results.append({
             "label": step["label"],
             "outputs": [list(o.outputs[0].token_ids) for o in outputs],
