@@ -204,11 +204,10 @@ class KVEventPublisher(Attachment):
         client, start = frames[0], int.from_bytes(frames[2], "big")
         oldest = next(iter(self._buffer), self._seq + 1)
         if start < oldest and self._published:  # gone from the buffer: a snapshot instead
-            label = ChunkLabel((), None, (), self._chunk_tokens)
             snapshot: list[wire.Event] = []
             for key, held in self._published.items():
-                known = self._label_of(key) if held.hashes != [bytes(key)] else label
-                snapshot.extend(self._stored(held.hashes, known, wire.medium_of(t))
+                label = self._label_of(key)
+                snapshot.extend(self._stored(held.hashes, label, wire.medium_of(t))
                                 for t in sorted(held.tiers))
             payload = wire.encode(wire.EventBatch(time.time(), snapshot))
             self._replay.send_multipart((client, b"", self._topic,
