@@ -51,6 +51,7 @@ from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
 from kvcore.misses import ChunkHistory, MissRecorder, RequestLog
+from kvcore.namespaces import NamespaceBook
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
 from kvcore.planner import Planner
@@ -166,8 +167,10 @@ class CacheEngine:
         """The latest fate of each chunk in each tier (why a later lookup misses)."""
         self.requests = RequestLog(self.settings.request_log_size)
         """The last requests looked up or loaded with a request id, and why they missed."""
+        self.namespaces = NamespaceBook()
+        """The namespaces connectors declared and the ones keys were derived from."""
         self.recorder = MissRecorder(self.history, self.requests, self.metrics,
-                                     self.chunk_size)
+                                     self.chunk_size, self.namespaces)
         self.planner = Planner(self.settings.planner)
         """Load or recompute: the measured cost of each lower tier and of the engine's prefill."""
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
@@ -293,14 +296,14 @@ class CacheEngine:
         """Keys of the full chunks of ``tokens`` under ``namespace`` (or its digest)."""
         if isinstance(namespace, Namespace):
             self.codecs.note_namespace(namespace)
-            self.recorder.remember(namespace)
+            self.namespaces.remember(namespace)
         return chunk_keys(namespace, tokens, self.chunk_size)
 
     def note_namespace(self, namespace: Namespace) -> None:
         """Tell the codecs ``namespace``'s element type, for a connector that derives keys by
         digest (a chunk whose namespace is not known is stored raw)."""
         self.codecs.note_namespace(namespace)
-        self.recorder.remember(namespace)
+        self.namespaces.remember(namespace)
 
     # -- lookup ------------------------------------------------------------------------------------
 

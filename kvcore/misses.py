@@ -26,6 +26,7 @@ from typing import Any
 
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
+from kvcore.namespaces import NamespaceBook
 from kvcore.planner import Plan
 
 log = logging.getLogger("kvcore.engine")
@@ -239,32 +240,19 @@ class RequestLog:
         return records[::-1][: max(0, limit)]
 
 
-MAX_NAMESPACES = 256
-"""Namespaces an engine remembers having seen (to say which field a miss differs in)."""
-
-
 class MissRecorder:
     """Makes the record of each request an engine looks up or loads with a request id: the
     reason for its first missing chunk (:func:`explain`), counted by reason and logged at
     DEBUG."""
 
     def __init__(self, history: ChunkHistory, requests: RequestLog, metrics: Metrics,
-                 chunk_size: int) -> None:
+                 chunk_size: int, namespaces: NamespaceBook) -> None:
         self.history = history
         self.requests = requests
         self.metrics = metrics
         self.chunk_size = chunk_size
-        self._namespaces: OrderedDict[bytes, Namespace] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, namespace: Namespace) -> None:
-        """A namespace this engine derived keys from (a miss may find its chunks held under
-        another one)."""
-        with self._lock:
-            self._namespaces[namespace.digest] = namespace
-            self._namespaces.move_to_end(namespace.digest)
-            while len(self._namespaces) > MAX_NAMESPACES:
-                self._namespaces.popitem(last=False)
+        self.namespaces = namespaces
+        """The engine's known namespaces (a miss may find its chunks held under another one)."""
 
     def lookup(self, request_id: str, keys: list[ChunkKey], claimed: int,
                by_tier: dict[str, int], sources: list[str], tokens: Sequence[int] | None,
@@ -280,9 +268,8 @@ class MissRecorder:
                 "load_s": round(plan.load_s or 0.0, 6),
                 "recompute_s": round(plan.recompute_s or 0.0, 6)})
         elif claimed < len(keys):
-            with self._lock:
-                namespaces = list(self._namespaces.values())
-                ours = self._namespaces.get(keys[claimed][:NAMESPACE_BYTES])
+            namespaces = self.namespaces.namespaces()
+            ours = self.namespaces.get(keys[claimed][:NAMESPACE_BYTES])
             miss = explain(keys[claimed], claimed, self.history, namespaces, ours, tokens, size,
                            locate)
         record = RequestRecord(
