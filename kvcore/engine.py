@@ -51,7 +51,7 @@ from kvcore.interfaces import Buffer, MemoryTier, Tier, TierContext
 from kvcore.keys import ChunkKey, Namespace, chunk_keys
 from kvcore.metrics import Metrics
 from kvcore.misses import ChunkHistory, MissRecorder, RequestLog
-from kvcore.namespaces import NamespaceBook
+from kvcore.namespaces import KeyedBy, NamespaceBook
 from kvcore.pending import PendingStores
 from kvcore.pipeline import BufferSource, ChunkSource, Pipeline, StoreHandle
 from kvcore.planner import Planner
@@ -298,6 +298,15 @@ class CacheEngine:
             self.codecs.note_namespace(namespace)
             self.namespaces.remember(namespace)
         return chunk_keys(namespace, tokens, self.chunk_size)
+
+    def declare_namespace(self, namespace: Namespace, served_as: Sequence[str] = (),
+                          keyed_by: KeyedBy = "tokens") -> None:
+        """A namespace this engine serves and the model names clients know it by (vLLM's
+        served model name): the controller lists it and routes requests by those names. Its
+        tenants' namespaces inherit the names. ``keyed_by="engine"`` for keys that are not
+        :func:`~kvcore.keys.chunk_keys` of token ids (SGLang's page hashes)."""
+        self.codecs.note_namespace(namespace)
+        self.namespaces.declare(namespace, served_as, keyed_by)
 
     def note_namespace(self, namespace: Namespace) -> None:
         """Tell the codecs ``namespace``'s element type, for a connector that derives keys by

@@ -322,3 +322,125 @@ def _via(client: TestClient) -> Callable[..., tuple[int, Any]]:
         return r.status_code, (r.json() if "json" in kind else r.text)
 
     return call
+
+
+SERVED = Namespace("org/tiny@main", layout="vllm-cpu", geometry="layers=2;page=4096")
+
+
+def _reporting_engine(client: TestClient, instance: str) -> tuple[CacheEngine, Reporter]:
+    engine = CacheEngine(load_settings(chunk_size=4, cpu_size=1 << 20))
+    settings = ControllerSettings(url="http://testserver", token=TOKEN, instance_id=instance,
+                                  flush_s=0.01, heartbeat_s=0.05, poll_s=0.05)
+    reporter = Reporter(engine, settings)
+    reporter.http.call = _via(client)  # type: ignore[method-assign]
+    return engine, reporter.start()
+
+
+def _wait(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+def test_namespaces_listed_and_prefixes_routed_by_served_model_name() -> None:
+    """Two instances serve "tiny-chat" under namespaces that differ (page size): a gateway
+    that knows only the name, the tenant and the token ids finds the one holding the prefix."""
+    one, two = Namespace(**{**SERVED.__dict__, "geometry": "layers=2;page=8192"}), SERVED
+    doc_a, doc_b = list(range(100, 108)), list(range(200, 208))
+    engines: list[CacheEngine] = []
+    with make_client(heartbeat_s=0.05) as client:  # one event loop for both reporters
+        try:
+            for instance, namespace, docs in (("r1", one, [(doc_a, "")]),
+                                              ("r2", two, [(doc_b, ""), (doc_a, "acme")])):
+                engine, _ = _reporting_engine(client, instance)
+                engines.append(engine)
+                engine.declare_namespace(namespace, served_as=["tiny-chat", "org/tiny"])
+                for doc, tenant in docs:
+                    keys = engine.keys_for(namespace.with_tenant(tenant), doc)
+                    engine.store_buffers(keys, [bytes(16)] * len(keys)).wait(5)
+            hidden = chunk_keys(Namespace("never-reported"), list(range(4)), 4)
+            engines[0].store_buffers(hidden, [bytes(16)]).wait(5)
+
+            def route(**body: Any) -> dict[str, Any]:
+                r = client.post("/v1/route", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            assert _wait(lambda: route(model="tiny-chat", tokens=doc_b)["tokens"] == 8)
+            assert _wait(lambda: route(model="tiny-chat", tokens=doc_a)["tokens"] == 8)
+            assert route(model="tiny-chat", tokens=doc_a) == {
+                "instance": "r1", "name": "r1", "tokens": 8, "namespace": one.digest.hex()}
+            assert route(model="org/tiny@main", tokens=doc_b)["instance"] == "r2"
+            assert route(model="org/tiny", tokens=doc_a, tenant="acme") == {
+                "instance": "r2", "name": "r2", "tokens": 8,
+                "namespace": two.with_tenant("acme").digest.hex()}
+            assert route(model="tiny-chat", tokens=doc_b, tenant="other")["tokens"] == 0
+            assert route(model="another-model", tokens=doc_a)["instance"] is None
+            assert route(model="tiny-chat", tokens=doc_a, rank=1)["instance"] is None
+            # A namespace built by hand from the model name alone matches nothing.
+            assert route(namespace={"model": "tiny-chat"}, tokens=doc_a)["tokens"] == 0
+            looked = client.post("/v1/lookup", json={"model": "tiny-chat", "tokens": doc_a}).json()
+            assert {(r["instance"], r["tokens"], r["namespace"]) for r in looked["instances"]} == {
+                ("r1", 8, one.digest.hex()), ("r2", 0, two.digest.hex())}
+
+            def served() -> list[dict[str, Any]]:
+                found = client.get("/v1/namespaces?model=tiny-chat").json()["namespaces"]
+                return found if len(found) == 3 else []
+
+            listed = {(n["id"], n["tenant"]): n for n in _wait(served)}
+            assert set(listed) == {(one.digest.hex(), ""), (two.digest.hex(), ""),
+                                   (two.with_tenant("acme").digest.hex(), "acme")}
+            acme = listed[two.with_tenant("acme").digest.hex(), "acme"]
+            assert acme["served_as"] == ["tiny-chat", "org/tiny"] and acme["known"]
+            assert acme["model"] == "org/tiny@main" and acme["geometry"] == SERVED.geometry
+            assert acme["instances"] == [{"instance": "r2", "name": "r2",
+                                          "chunks_by_tier": {"cpu": 2}}]
+            tenants = client.get("/v1/namespaces", params={"tenant": "acme"}).json()["namespaces"]
+            assert [n["id"] for n in tenants] == [two.with_tenant("acme").digest.hex()]
+            every = client.get("/v1/namespaces").json()["namespaces"]
+            unknown = [n for n in every if not n["known"]]
+            assert [(n["id"], n["instances"][0]["chunks_by_tier"]) for n in unknown] == [
+                (hidden[0][:8].hex(), {"cpu": 1})]
+        finally:
+            for engine in engines:
+                engine.close()
+
+
+@pytest.mark.parametrize("body,where", [
+    ({"tokens": [1]}, "exactly one of namespace and model"),
+    ({"namespace": NS.digest.hex(), "model": "m", "tokens": [1]}, "exactly one"),
+    ({"model": "", "tokens": [1]}, "model"),
+    ({"model": "m", "rank": -1, "tokens": [1]}, "rank"),
+])
+def test_route_by_model_bad_requests_say_what_is_wrong(body: dict, where: str) -> None:
+    r = make_client().post("/v1/route", json=body)
+    assert r.status_code == 422 and where in r.json()["message"], r.text
+
+
+def test_a_reported_namespace_cannot_claim_another_ones_chunks() -> None:
+    """The controller hashes the reported fields itself: an instance that reports fields of
+    one namespace is listed under that namespace's digest, whatever it holds."""
+    client = make_client()
+    register(client, "r3", chunk_keys(NS, list(range(8)), 4))
+    r = client.post("/v1/instances/r3/heartbeat", headers=AUTH, json={
+        "stats": {}, "namespaces": [{"model": "forged", "served_as": ["tiny-chat"]}]})
+    assert r.status_code == 200, r.text
+    answer = client.post("/v1/route", json={"model": "tiny-chat", "tokens": list(range(8))})
+    assert answer.json() == {"instance": "r3", "name": "r3", "tokens": 0,
+                             "namespace": Namespace("forged").digest.hex()}
+    too_many = [{"model": f"m{i}"} for i in range(513)]
+    r = client.post("/v1/instances/r3/heartbeat", headers=AUTH,
+                    json={"stats": {}, "namespaces": too_many})
+    assert r.status_code == 422 and "namespaces" in r.json()["message"]
+
+
+def test_reporter_leaves_out_namespaces_the_controller_would_refuse() -> None:
+    from kvcore.control.reporter import reportable_namespaces
+    from kvcore.namespaces import NamespaceBook
+
+    book = NamespaceBook()
+    book.declare(SERVED, served_as=["tiny-chat"])
+    book.remember(SERVED.with_tenant("t" * 300))  # over the 256-character tenant limit
+    book.remember(SERVED.with_tenant("fine"))
+    assert [r["tenant"] for r in reportable_namespaces(book.entries())] == ["", "fine"]

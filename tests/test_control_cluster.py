@@ -352,7 +352,8 @@ def test_killed_instance_leaves_the_index(spawn: Callable[..., list[Instance]],
     wait_for(lambda: client.route(NS, PROMPT)["instance"] == "a", "route to a")
     a.kill()
     wait_for(lambda: [i["id"] for i in client.instances()] == ["b"], "expiry of a")
-    assert client.route(NS, PROMPT) == {"instance": "b", "name": "b", "tokens": 8}
+    assert client.route(NS, PROMPT) == {"instance": "b", "name": "b", "tokens": 8,
+                                        "namespace": NS.digest.hex()}
     assert "instance=\"a\"" not in client.metrics_text()
 
 

@@ -72,11 +72,24 @@ def namespace_arg(namespace: Namespace | bytes | str) -> Any:
     return namespace
 
 
+def _prefix(namespace: Namespace | bytes | str | None, tokens: Sequence[int],
+            model: str | None, tenant: str | None) -> dict[str, Any]:
+    """The body of a lookup or route: a namespace, or a served model name (and tenant)."""
+    body: dict[str, Any] = {"tokens": list(tokens)}
+    if namespace is not None:
+        body["namespace"] = namespace_arg(namespace)
+    if model is not None:
+        body["model"] = model
+    if tenant is not None:
+        body["tenant"] = tenant
+    return body
+
+
 class ControllerClient:
     """The control API from Python.
 
     >>> client = ControllerClient("http://127.0.0.1:8470", token="...")
-    >>> client.route(Namespace("llama-3-8b"), tokens)["instance"]
+    >>> client.route(None, tokens, model="llama-3-8b")["instance"]
     """
 
     def __init__(self, url: str, token: str = "", timeout_s: float = 30.0) -> None:
@@ -97,22 +110,34 @@ class ControllerClient:
         """Registered instances with tier usage and indexed chunk counts."""
         return self._ok("GET", "/v1/instances")["instances"]
 
-    def lookup(self, namespace: Namespace | bytes | str, tokens: Sequence[int]) -> dict[str, int]:
+    def lookup(self, namespace: Namespace | bytes | str | None, tokens: Sequence[int], *,
+               model: str | None = None, tenant: str | None = None) -> dict[str, int]:
         """Leading cached tokens of a prompt by instance id (any tier)."""
-        body = {"namespace": namespace_arg(namespace), "tokens": list(tokens)}
-        rows = self._ok("POST", "/v1/lookup", body)["instances"]
+        rows = self.lookup_detail(namespace, tokens, model=model, tenant=tenant)
         return {row["instance"]: row["tokens"] for row in rows}
 
-    def lookup_detail(self, namespace: Namespace | bytes | str,
-                      tokens: Sequence[int]) -> list[dict[str, Any]]:
-        """Per instance: leading cached tokens in any tier and in each tier."""
-        body = {"namespace": namespace_arg(namespace), "tokens": list(tokens)}
-        return self._ok("POST", "/v1/lookup", body)["instances"]
+    def lookup_detail(self, namespace: Namespace | bytes | str | None, tokens: Sequence[int],
+                      *, model: str | None = None,
+                      tenant: str | None = None) -> list[dict[str, Any]]:
+        """Per instance: leading cached tokens in any tier and in each tier, and the
+        namespace counted."""
+        return self._ok("POST", "/v1/lookup", _prefix(namespace, tokens, model, tenant))[
+            "instances"]
 
-    def route(self, namespace: Namespace | bytes | str, tokens: Sequence[int]) -> dict[str, Any]:
-        """``{"instance", "name", "tokens"}`` of the instance with the longest cached prefix."""
-        body = {"namespace": namespace_arg(namespace), "tokens": list(tokens)}
-        return self._ok("POST", "/v1/route", body)
+    def route(self, namespace: Namespace | bytes | str | None, tokens: Sequence[int], *,
+              model: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """``{"instance", "name", "tokens", "namespace"}`` of the instance with the longest
+        cached prefix; by ``model`` (a served model name, ``namespace=None``), among the
+        instances serving it."""
+        return self._ok("POST", "/v1/route", _prefix(namespace, tokens, model, tenant))
+
+    def namespaces(self, model: str | None = None,
+                   tenant: str | None = None) -> list[dict[str, Any]]:
+        """Namespaces with their served model names, tenant and holders (docs/controller.md)."""
+        query = "&".join(f"{name}={quote(value, safe='')}" for name, value in
+                         (("model", model), ("tenant", tenant)) if value is not None)
+        return self._ok("GET", "/v1/namespaces" + (f"?{query}" if query else ""))[
+            "namespaces"]
 
     def clear(self, namespace: Namespace | bytes | str | None = None,
               instance: str | None = None, tier: str | None = None) -> list[dict[str, Any]]:

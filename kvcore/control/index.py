@@ -10,7 +10,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcore.keys import ChunkKey, chunk_keys, key_namespace
+from kvcore.keys import NAMESPACE_BYTES, ChunkKey, chunk_keys, key_namespace
+from kvcore.namespaces import NamespaceEntry
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A prefix's target by name: whatever namespace each instance serves ``name`` under."""
+
+    name: str
+    rank: int = 0
+
+    def matches(self, entry: NamespaceEntry) -> bool:
+        """Whether ``entry`` is token-keyed, of this rank, and answers to the name."""
+        return (entry.keyed_by == "tokens" and entry.namespace.rank == self.rank
+                and answers_to(entry, self.name))
+
+
+def answers_to(entry: NamespaceEntry, name: str) -> bool:
+    """Whether ``entry`` answers to ``name``: a served name, the model, or the model without
+    its ``@revision``."""
+    model = entry.namespace.model
+    return name in entry.served_as or name in (model, model.rpartition("@")[0])
 
 
 @dataclass
@@ -27,6 +48,24 @@ class InstanceState:
     last_seen: float = field(default_factory=time.monotonic)
     held: dict[str, set[ChunkKey]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    namespaces: dict[bytes, NamespaceEntry] = field(default_factory=dict)
+    """The namespaces the instance reported, by digest."""
+
+    def namespaces_for(self, target: bytes | ServedModel, tenant: str) -> list[bytes]:
+        """The digests ``target`` means on this instance (``tenant``'s, for a served model)."""
+        if isinstance(target, bytes):
+            return [target]
+        return list(dict.fromkeys(e.namespace.with_tenant(tenant).digest
+                                  for e in self.namespaces.values() if target.matches(e)))
+
+    def chunks_by_namespace(self) -> dict[bytes, dict[str, int]]:
+        """Indexed chunks per namespace digest, per tier."""
+        out: dict[bytes, dict[str, int]] = {}
+        for tier, held in self.held.items():
+            for key in held:
+                by_tier = out.setdefault(key[:NAMESPACE_BYTES], {})
+                by_tier[tier] = by_tier.get(tier, 0) + 1
+        return out
 
     def tier_keys(self, tier: str) -> set[ChunkKey]:
         return self.held.setdefault(tier, set())
@@ -57,6 +96,8 @@ class GlobalIndex:
         if old is not None and not reset:
             state.held = old.held
             state.registered_at = old.registered_at
+        if old is not None:
+            state.namespaces = old.namespaces
         self.instances[state.id] = state
         return state
 
@@ -98,31 +139,43 @@ class GlobalIndex:
             del self.instances[instance_id]
         return gone
 
-    def lookup(self, namespace: bytes, tokens: Sequence[int], tenant: str = ""
-               ) -> list[tuple[InstanceState, int, dict[str, int]]]:
-        """For every instance: leading tokens cached in any tier, and per tier."""
-        keys_by_size: dict[int, list[ChunkKey]] = {}
+    def lookup(self, target: bytes | ServedModel, tokens: Sequence[int], tenant: str = ""
+               ) -> list[tuple[InstanceState, bytes, int, dict[str, int]]]:
+        """For every instance that ``target`` means something on: the namespace counted, the
+        leading tokens cached in any tier, and per tier.
+
+        A namespace digest means the same on every instance; a served model name means the
+        namespaces each instance declared for it (the one holding most, where several match).
+        """
+        keys_by: dict[tuple[bytes, int], list[ChunkKey]] = {}
         out = []
         for state in self.instances.values():
             size = state.chunk_size
-            if size not in keys_by_size:
-                keys_by_size[size] = chunk_keys(namespace, tokens, size, tenant=tenant)
-            chunks, by_tier = state.leading(keys_by_size[size])
-            out.append((state, chunks * size, {t: n * size for t, n in by_tier.items()}))
+            best: tuple[bytes, int, dict[str, int]] | None = None
+            for digest in state.namespaces_for(target, tenant):
+                keys = keys_by.get((digest, size))
+                if keys is None:
+                    keys = keys_by[digest, size] = chunk_keys(digest, tokens, size,
+                                                              tenant=tenant)
+                chunks, by_tier = state.leading(keys)
+                if best is None or chunks * size > best[1]:
+                    best = (digest, chunks * size, {t: n * size for t, n in by_tier.items()})
+            if best is not None:
+                out.append((state, *best))
         return out
 
-    def route(self, namespace: bytes, tokens: Sequence[int], tenant: str = ""
-              ) -> tuple[InstanceState, int] | None:
+    def route(self, target: bytes | ServedModel, tokens: Sequence[int], tenant: str = ""
+              ) -> tuple[InstanceState, bytes, int] | None:
         """The instance with the longest cached prefix.
 
         Ties go to the one holding more of it in its fastest tier, then to the one holding
         fewer chunks in all (a proxy for load), then by id.
         """
         best = None
-        for state, n, by_tier in self.lookup(namespace, tokens, tenant):
+        for state, digest, n, by_tier in self.lookup(target, tokens, tenant):
             fast = by_tier.get(state.tiers[0], 0) if state.tiers else 0
             load = sum(len(h) for h in state.held.values())
             rank = (-n, -fast, load, state.id)
             if best is None or rank < best[0]:
-                best = (rank, state, n)
-        return None if best is None else (best[1], best[2])
+                best = (rank, state, digest, n)
+        return None if best is None else (best[1], best[2], best[3])

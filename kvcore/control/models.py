@@ -19,6 +19,8 @@ NamespaceId = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{2 * NAMESP
 TokenId = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
 """A token id: an integer (``1.0`` or ``"1"`` are refused, never truncated)."""
 MAX_TOKENS_DEFAULT = 262144
+MAX_REPORTED_NAMESPACES = 512
+"""Namespaces one heartbeat may report (an engine's book holds at most 320)."""
 
 
 def has_surrogate(value: Any, depth: int = 0) -> bool:
@@ -96,6 +98,63 @@ class PrefixRequest(Strict):
         return self.tenant or ""
 
 
+ServedName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class RouteRequest(PrefixRequest):
+    """A prompt prefix under a namespace, or under a served model name: each instance then
+    answers with its own namespace for that name (model revision, geometry and layout as its
+    engine declared them), for ``tenant``'s keys of parallel rank ``rank``."""
+
+    namespace: NamespaceSpec | NamespaceId | None = None  # type: ignore[assignment]
+    model: ServedName | None = Field(
+        None, description="A served model name (vLLM's --served-model-name) or model path, "
+        "instead of a namespace.")
+    rank: int = Field(0, ge=0, le=65535,
+                      description="With ``model``: the parallel rank whose chunks count.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouteRequest:
+        if (self.namespace is None) == (self.model is None):
+            raise ValueError("give exactly one of namespace and model")
+        return self
+
+
+class NamespaceReport(NamespaceSpec):
+    """A namespace an instance knows, with the served names it answers to."""
+
+    served_as: list[ServedName] = Field(default_factory=list, max_length=8)
+    keyed_by: Literal["tokens", "engine"] = "tokens"
+
+
+class NamespaceHolder(BaseModel):
+    instance: str
+    name: str
+    chunks_by_tier: dict[str, int] = Field(description="Chunks of the namespace indexed per tier.")
+
+
+class NamespaceInfo(BaseModel):
+    """A namespace, its human parts, and the instances that know or hold it."""
+
+    id: str = Field(description="The 16-hex-digit digest every chunk key starts with.")
+    known: bool = Field(description="False for chunks held under a namespace no instance "
+                        "reported (stored before a restart, or forgotten by its instance).")
+    model: str = ""
+    served_as: list[str] = Field(default_factory=list)
+    tenant: str = ""
+    dtype: str = ""
+    layout: str = ""
+    geometry: str = ""
+    rank: int = 0
+    world_size: int = 1
+    keyed_by: str = ""
+    instances: list[NamespaceHolder]
+
+
+class NamespacesResponse(BaseModel):
+    namespaces: list[NamespaceInfo]
+
+
 class TierUsageModel(BaseModel):
     used_bytes: int = 0
     budget_bytes: int = 0
@@ -142,9 +201,11 @@ class EngineStats(BaseModel):
 
 
 class HeartbeatRequest(Strict):
-    """Liveness plus the instance's ``CacheEngine.stats()``."""
+    """Liveness plus the instance's ``CacheEngine.stats()``, and its namespaces when they
+    changed since the last heartbeat (``None``: unchanged)."""
 
     stats: EngineStats = Field(default_factory=EngineStats)
+    namespaces: list[NamespaceReport] | None = Field(None, max_length=MAX_REPORTED_NAMESPACES)
 
 
 class Event(Strict):
@@ -204,6 +265,8 @@ class MutationResponse(BaseModel):
 class InstanceHolding(BaseModel):
     instance: str
     name: str
+    namespace: str = Field("", description="The namespace id counted (with ``model``, the "
+                           "instance's own for that name).")
     tokens: int = Field(description="Leading tokens cached in any tier of the instance.")
     by_tier: dict[str, int] = Field(description="Leading tokens cached in each tier.")
 
@@ -214,9 +277,11 @@ class LookupResponse(BaseModel):
 
 
 class RouteResponse(BaseModel):
-    instance: str | None = Field(description="Best instance, or null when none is registered.")
+    instance: str | None = Field(description="Best instance, or null when none is registered "
+                                 "(with ``model``: none serves that model).")
     name: str = ""
     tokens: int = 0
+    namespace: str = ""
 
 
 class InstanceInfo(BaseModel):

@@ -27,12 +27,16 @@ import threading
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from kvcore.control.client import ControllerUnavailable, HttpJson
 from kvcore.control.commands import run_command
+from kvcore.control.models import MAX_REPORTED_NAMESPACES, NamespaceReport
 from kvcore.control.settings import ControllerSettings
 from kvcore.engine import CacheEngine
 from kvcore.interfaces import Attachment
 from kvcore.keys import ChunkKey
+from kvcore.namespaces import NamespaceEntry
 
 log = logging.getLogger("kvcore.control")
 _counter = itertools.count()
@@ -58,6 +62,22 @@ def json_safe_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {**stats, "histograms": histograms}
 
 
+def reportable_namespaces(entries: list[NamespaceEntry]) -> list[dict[str, Any]]:
+    """The entries as heartbeat reports, leaving out any the controller would refuse (a field
+    over its length limit, such as a very long tenant salt): they stay unlisted, nothing else."""
+    out = []
+    for entry in entries[:MAX_REPORTED_NAMESPACES]:
+        report = entry.as_report()
+        try:
+            NamespaceReport.model_validate(report)
+        except ValidationError as exc:
+            log.debug("kvcore reporter: namespace %s not reported: %s",
+                      entry.namespace.digest.hex(), exc)
+            continue
+        out.append(report)
+    return out
+
+
 class TokenRefused(Exception):
     """The controller answered 401 or 403: this instance's token is wrong or missing."""
 
@@ -75,6 +95,8 @@ class Reporter(Attachment):
             settings.queue_size)
         self._resync = threading.Event()
         self._resync.set()
+        self._namespaces_sent: int | None = None
+        """The namespace book's version the controller has (None: send them)."""
         self._registered = threading.Event()
         self._stop = threading.Event()
         self.dropped_events = 0
@@ -184,6 +206,7 @@ class Reporter(Attachment):
 
     def _register(self) -> None:
         self._resync.clear()
+        self._namespaces_sent = None
         self._drain()  # the snapshot below covers everything queued so far
         self._post("/v1/instances", {
             "id": self.instance_id, "name": self.name, "chunk_size": self.engine.chunk_size,
@@ -220,8 +243,13 @@ class Reporter(Attachment):
             self._post(f"/v1/instances/{self.instance_id}/events", {"events": batch})
 
     def _heartbeat(self) -> None:
-        self._post(f"/v1/instances/{self.instance_id}/heartbeat",
-                   {"stats": json_safe_stats(self.engine.stats())})
+        body: dict[str, Any] = {"stats": json_safe_stats(self.engine.stats())}
+        book = self.engine.namespaces
+        version = book.version
+        if version != self._namespaces_sent:
+            body["namespaces"] = reportable_namespaces(book.entries())
+        self._post(f"/v1/instances/{self.instance_id}/heartbeat", body)
+        self._namespaces_sent = version
 
     # -- commands ------------------------------------------------------------------------------
 

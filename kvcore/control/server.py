@@ -30,7 +30,8 @@ from pydantic import BaseModel, ValidationError
 import kvcore
 from kvcore.control import docs_assets
 from kvcore.control import models as m
-from kvcore.control.index import GlobalIndex, InstanceState
+from kvcore.control.index import GlobalIndex, InstanceState, ServedModel
+from kvcore.control.namespaces import namespace_listing, reported_namespaces
 from kvcore.control.prometheus import CONTENT_TYPE, Families
 from kvcore.control.settings import ControllerSettings
 from kvcore.keys import KEY_BYTES
@@ -326,28 +327,51 @@ def create_app(settings: ControllerSettings) -> FastAPI:
                 registered_at=s.registered_at, last_seen=now_wall - (now - s.last_seen)))
         return m.InstancesResponse(instances=out)
 
+    def target_of(req: m.RouteRequest) -> bytes | ServedModel:
+        if req.model is not None:
+            return ServedModel(req.model, req.rank)
+        assert req.namespace is not None  # the model validator asks for one of the two
+        return m.namespace_digest(req.namespace)
+
     @app.post("/v1/lookup", response_model=m.LookupResponse, tags=["read"],
               dependencies=[Depends(reading)], responses=ERRORS)
-    async def lookup(req: m.PrefixRequest) -> m.LookupResponse:
-        """How many leading tokens of a prompt each instance holds, in any tier and per tier."""
+    async def lookup(req: m.RouteRequest) -> m.LookupResponse:
+        """How many leading tokens of a prompt each instance holds, in any tier and per tier.
+
+        By ``model`` (a served model name), only the instances serving it answer, each under
+        its own namespace for it."""
         check_tokens(req.tokens)
-        rows = ctl.index.lookup(m.namespace_digest(req.namespace), req.tokens, tenant_of(req))
+        rows = ctl.index.lookup(target_of(req), req.tokens, tenant_of(req))
         ctl.metrics.inc("controller_lookups_total")
         return m.LookupResponse(prompt_tokens=len(req.tokens), instances=[
-            m.InstanceHolding(instance=s.id, name=s.name, tokens=n, by_tier=by_tier)
-            for s, n, by_tier in rows])
+            m.InstanceHolding(instance=s.id, name=s.name, namespace=digest.hex(), tokens=n,
+                              by_tier=by_tier)
+            for s, digest, n, by_tier in rows])
 
     @app.post("/v1/route", response_model=m.RouteResponse, tags=["read"],
               dependencies=[Depends(reading)], responses=ERRORS)
-    async def route(req: m.PrefixRequest) -> m.RouteResponse:
-        """The instance with the longest cached prefix of the prompt (cache-aware routing)."""
+    async def route(req: m.RouteRequest) -> m.RouteResponse:
+        """The instance with the longest cached prefix of the prompt (cache-aware routing).
+
+        By ``model``, among the instances serving that model name."""
         check_tokens(req.tokens)
-        best = ctl.index.route(m.namespace_digest(req.namespace), req.tokens, tenant_of(req))
+        best = ctl.index.route(target_of(req), req.tokens, tenant_of(req))
         ctl.metrics.inc("controller_routes_total")
         if best is None:
             return m.RouteResponse(instance=None)
-        state, tokens = best
-        return m.RouteResponse(instance=state.id, name=state.name, tokens=tokens)
+        state, digest, tokens = best
+        return m.RouteResponse(instance=state.id, name=state.name, tokens=tokens,
+                               namespace=digest.hex())
+
+    @app.get("/v1/namespaces", response_model=m.NamespacesResponse, tags=["read"],
+             dependencies=[Depends(reading)], responses=ERRORS)
+    async def namespaces(model: str | None = Query(None, max_length=256),
+                         tenant: str | None = Query(None, max_length=256)
+                         ) -> m.NamespacesResponse:
+        """Every namespace the instances reported or hold chunks under, with its human parts
+        (served model names, tenant, layout...) and the chunks each instance indexes of it
+        per tier; ``model`` and ``tenant`` narrow the list."""
+        return m.NamespacesResponse(namespaces=namespace_listing(ctl.index, model, tenant))
 
     async def gather_records(ids: list[str], args: dict[str, Any]) -> m.RequestsResponse:
         records: list[m.RequestRecordModel] = []
@@ -537,7 +561,10 @@ def create_app(settings: ControllerSettings) -> FastAPI:
               responses={**ERRORS, **NOT_FOUND})
     async def heartbeat(instance_id: str, req: m.HeartbeatRequest) -> m.OkResponse:
         """Liveness plus the instance's stats (tier usage and metrics)."""
-        ctl.state(instance_id).stats = req.stats.model_dump(exclude_defaults=False)
+        state = ctl.state(instance_id)
+        state.stats = req.stats.model_dump(exclude_defaults=False)
+        if req.namespaces is not None:
+            state.namespaces = reported_namespaces(req.namespaces)
         return m.OkResponse()
 
     @app.post("/v1/instances/{instance_id}/events", response_model=m.OkResponse,

@@ -136,7 +136,14 @@ class KVCoreHiCacheStorage(HiCacheStorage):
         ns = self._namespaces.get(tenant)
         if ns is None:
             ns = self._namespaces[tenant] = namespace_for(self.shard, self._format, tenant)
-            self.engine.note_namespace(ns)  # its dtype, for the tiers' codecs
+            # Its dtype for the tiers' codecs. The configured tenant's is listed by the
+            # controller under the model name (keys are SGLang's page hashes: not routable by
+            # token ids); the others' are remembered as seen.
+            if tenant == self.options.tenant:
+                self.engine.declare_namespace(ns, served_as=[self.shard.model],
+                                              keyed_by="engine")
+            else:
+                self.engine.note_namespace(ns)
         return ns
 
     def _keys(self, keys: Sequence[str], extra_info: Any = None) -> list[ChunkKey]:

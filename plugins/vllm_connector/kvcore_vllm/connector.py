@@ -30,7 +30,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.failures import FailureLog, guarded
 from kvcore_vllm.metadata import KVCoreMetadata
-from kvcore_vllm.namespace import check_chunk_size, engine_namespace, kv_geometry
+from kvcore_vllm.namespace import (
+    check_chunk_size,
+    engine_namespace,
+    kv_geometry,
+    served_names,
+)
 from kvcore_vllm.runtime import acquire_engine, counters, release_engine
 from kvcore_vllm.scheduler import SchedulerSide
 from kvcore_vllm.settings import VllmSettings
@@ -113,19 +118,22 @@ class KVCoreConnector(KVConnectorBase_V1):
                 log.info("kvcore: vLLM's workers run in other processes than its scheduler: "
                          "lookups use a mirror of the worker's CPU-tier keys (sent back each "
                          "step) and the shared lower tiers")
-            self.scheduler = SchedulerSide(self.engine, engine_namespace(
-                vllm_config, kv_cache_config, rank=0), block_size, blocks_per_chunk,
-                worker_in_process=shared, async_loads=self.plugin_settings.async_loads,
-                verify_sample=settings.verify_sample)
+            namespace = engine_namespace(vllm_config, kv_cache_config, rank=0)
+            self.scheduler = SchedulerSide(
+                self.engine, namespace, block_size, blocks_per_chunk, worker_in_process=shared,
+                async_loads=self.plugin_settings.async_loads, verify_sample=settings.verify_sample)
         else:
             rank = _worker_rank(vllm_config)
+            namespace = engine_namespace(vllm_config, kv_cache_config, rank=rank)
             self.worker = WorkerSide(
-                self.engine, engine_namespace(vllm_config, kv_cache_config, rank=rank),
-                block_size, blocks_per_chunk, layer_names,
+                self.engine, namespace, block_size, blocks_per_chunk, layer_names,
                 layerwise=self.plugin_settings.layerwise,
                 load_timeout_s=self.plugin_settings.load_timeout_s,
                 store_timeout_s=self.plugin_settings.store_timeout_s,
                 verify_tolerance=settings.verify_tolerance)
+
+        # The controller lists the namespace under the served model name and routes by it.
+        self.engine.declare_namespace(namespace, served_as=served_names(vllm_config))
 
     @contextmanager
     def _timed(self, what: str) -> Iterator[None]:

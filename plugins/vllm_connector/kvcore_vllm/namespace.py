@@ -54,3 +54,13 @@ def engine_namespace(vllm_config: Any, kv_cache_config: Any, rank: int = 0) -> N
     return Namespace(model=model, dtype=str(spec.dtype).removeprefix("torch."),
                      layout=layout_name(vllm_config), geometry=geometry, rank=rank,
                      world_size=world)
+
+
+def served_names(vllm_config: Any) -> list[str]:
+    """The names clients ask this engine's model by: vLLM's served model name (the model path
+    unless ``--served-model-name`` is given), then the model path."""
+    model_config = vllm_config.model_config
+    names = getattr(model_config, "served_model_name", None) or []
+    if isinstance(names, str):
+        names = [names]
+    return [*map(str, names), str(model_config.model)]
