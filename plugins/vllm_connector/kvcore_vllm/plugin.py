@@ -17,7 +17,7 @@ def kvcore_register_connectors(register: Callable[..., None]) -> None:
         engine="vllm",
         import_path="kvcore_vllm:KVCoreConnector",
         description="vLLM v1 KV connector (kv_both): offload, reuse across requests and "
-                    "restarts; supported vLLM 0.32.x",
+                    "restarts; supported vLLM 0.31.x and 0.32.x",
     ))
 
 

