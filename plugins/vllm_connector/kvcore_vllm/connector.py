@@ -196,6 +196,8 @@ class KVCoreConnector(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         self._step_started, self._step_loading_s = time.perf_counter(), 0.0
+        if self.worker is not None:
+            self.worker.begin_step()
 
     def _observe_step(self, meta: KVConnectorMetadata) -> None:
         """The step's forward time (bind to save, less kvcore's own loading) for the planner.
@@ -278,6 +280,13 @@ class KVCoreConnector(KVConnectorBase_V1):
         """The engine's counter increases since the last report, for vLLM's /metrics (both
         roles call this; only the one owning the engine answers)."""
         return self._stats.take() if self._stats is not None else None
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
+        """vLLM 0.33 asks this when ``enable_sleep_mode`` is on: no, since kvcore's background
+        stores and loads could still read KV memory that sleep mode remaps (vLLM then refuses
+        to start with a clear error instead)."""
+        return False
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None

@@ -124,6 +124,12 @@ class WorkerSide:
         self.layout: KVLayout | None = None
         self._layer_index: dict[str, int] = {}
         self._load_errors: set[int] = set()
+        """Failed blocks not yet reported to vLLM (:meth:`take_load_errors` empties it)."""
+        self._step_failed: set[int] = set()
+        """Every block that failed to load in this step, reported or not: no chunk computed
+        over one is stored. Reset by :meth:`begin_step` only, so it does not depend on whether
+        vLLM takes the load errors before or after ``wait_for_save`` (0.33's Model Runner V2
+        with a speculator takes them first)."""
         self._pending: dict[str, list[tuple[StoreHandle, BlockSource]]] = {}
         self._finished: dict[str, float] = {}
         self._layerwise: _LayerwiseLoad | None = None
@@ -145,6 +151,7 @@ class WorkerSide:
         if not block_ids:
             return
         self._load_errors.update(block_ids)
+        self._step_failed.update(block_ids)
         try:
             for layer in self.layers:
                 ids = torch.as_tensor(block_ids, dtype=torch.long, device=layer.device)
@@ -328,6 +335,10 @@ class WorkerSide:
             for spec in load.failed_specs:
                 self._note_unstored(spec.req_id, spec.first_chunk)
 
+    def begin_step(self) -> None:
+        """A new step's metadata is bound: its failures start afresh."""
+        self._step_failed = set()
+
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
@@ -368,7 +379,7 @@ class WorkerSide:
         if self.layers and self.layers[0].is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        failed = self._load_errors
+        failed = self._step_failed
         for spec in meta.stores:
             pending = self._pending.setdefault(spec.req_id, [])
             if failed and self._computed_over_failed_blocks(spec, failed):
@@ -421,6 +432,7 @@ class WorkerSide:
         for req_id, failed, first_failed in done:
             if failed:
                 self._load_errors.update(failed)  # vLLM re-zeroes and recomputes them
+                self._step_failed.update(failed)
                 self._note_unstored(req_id, first_failed)
             received.add(req_id)
         return received

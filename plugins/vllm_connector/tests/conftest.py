@@ -34,10 +34,10 @@ def harness_factory(model_config_dir: Path) -> Iterator:
     made = []
 
     def make(num_blocks: int = 64, worker_in_process: bool = True, wait_async: bool = True,
-             flush_stores: bool = True, **config_args):
+             flush_stores: bool = True, deferred_finalize: bool = False, **config_args):
         h = Harness(make_vllm_config(model_config_dir, **config_args), num_blocks=num_blocks,
                     worker_in_process=worker_in_process, wait_async=wait_async,
-                    flush_stores=flush_stores)
+                    flush_stores=flush_stores, deferred_finalize=deferred_finalize)
         made.append(h)
         return h
 

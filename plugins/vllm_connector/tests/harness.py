@@ -107,6 +107,10 @@ class Harness:
     wait_async: bool = True
     """Each step waits for the background loads it started (deterministic tests); False lets
     them finish whenever they do, as in a real engine."""
+    deferred_finalize: bool = False
+    """Call the worker in the order of vLLM 0.33's Model Runner V2 with a speculator
+    (``post_forward(defer_finalize=True)``, then ``finalize_step``): finished requests, load
+    errors and worker metadata are taken before ``wait_for_save``."""
     scheduler: Scheduler = field(init=False)
     worker: KVCoreConnector = field(init=False)
     kv: dict[str, torch.Tensor] = field(init=False)
@@ -239,18 +243,20 @@ class Harness:
         starts.update(dict(zip(cached.req_ids, cached.num_computed_tokens)))
         for req_id, count in out.num_scheduled_tokens.items():
             self._forward(req_id, starts[req_id], count)
-        self.worker.wait_for_save()
-        # Deterministic tests: stores, background loads and verifications land before reporting.
-        if self.flush_stores:
-            self.worker_side.engine.flush(10.0)
-        if self.wait_async:
-            self.worker_side.wait_for_async_loads(10.0)
-        self.worker_side.verifier.flush(10.0)
-        if self.flush_stores:
-            self.worker_side.engine.flush(10.0)
-        sending, recving = self.worker.get_finished(out.finished_req_ids)
-        errors = self.worker.get_block_ids_with_load_errors()
-        worker_meta = self.worker.build_connector_worker_meta()
+        if self.deferred_finalize:
+            if self.wait_async:
+                self.worker_side.wait_for_async_loads(10.0)
+            sending, recving = self.worker.get_finished(out.finished_req_ids)
+            errors = self.worker.get_block_ids_with_load_errors()
+            worker_meta = self.worker.build_connector_worker_meta()
+            self.worker.wait_for_save()  # finalize_step, after the drafter
+            self._settle()
+        else:
+            self.worker.wait_for_save()
+            self._settle()
+            sending, recving = self.worker.get_finished(out.finished_req_ids)
+            errors = self.worker.get_block_ids_with_load_errors()
+            worker_meta = self.worker.build_connector_worker_meta()
         self.worker.clear_connector_metadata()
         self.sending_log.append(set(sending or ()))
         self.recving_log.append(set(recving or ()))
@@ -266,6 +272,17 @@ class Harness:
                                                   kv_connector_worker_meta=worker_meta))
         self.scheduler.update_from_output(out, output)
         return out
+
+    def _settle(self) -> None:
+        """Deterministic tests: stores, background loads and verifications land before the
+        step's results are reported."""
+        if self.flush_stores:
+            self.worker_side.engine.flush(10.0)
+        if self.wait_async:
+            self.worker_side.wait_for_async_loads(10.0)
+        self.worker_side.verifier.flush(10.0)
+        if self.flush_stores:
+            self.worker_side.engine.flush(10.0)
 
     def run_until_idle(self, limit: int = 50) -> None:
         for _ in range(limit):

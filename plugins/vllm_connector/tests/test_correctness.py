@@ -11,6 +11,7 @@ import random
 import time
 
 import numpy as np
+import pytest
 
 from kvcore.interfaces import TierUsage
 
@@ -44,10 +45,13 @@ def lose_chunk_once(h, index: int):
     return lose
 
 
-def test_failed_load_stores_nothing_computed_over_it(harness_factory) -> None:
+@pytest.mark.parametrize("deferred_finalize", [False, True], ids=["v1-order", "deferred"])
+def test_failed_load_stores_nothing_computed_over_it(harness_factory,
+                                                     deferred_finalize: bool) -> None:
     """(1) One chunk of two fails to load; the same step computes two more chunks over the
-    zeroed context. None of them may be stored; after vLLM's recompute all four are, right."""
-    h = harness_factory()
+    zeroed context. None of them may be stored; after vLLM's recompute all four are, right.
+    Also in vLLM 0.33's deferred order, where the load errors are taken before the store."""
+    h = harness_factory(deferred_finalize=deferred_finalize)
     head = prompt(2, seed=21, extra=0)
     store_prompt(h, head + [7])
     longer = head + prompt(2, seed=22, extra=1)

@@ -19,8 +19,10 @@ def counter(h, name: str) -> float:
     return h.worker.counters().get(name, 0.0)
 
 
-def test_store_then_load_is_byte_identical(harness_factory) -> None:
-    h = harness_factory()
+@pytest.mark.parametrize("deferred_finalize", [False, True], ids=["v1-order", "deferred"])
+def test_store_then_load_is_byte_identical(harness_factory, deferred_finalize: bool) -> None:
+    """Also in vLLM 0.33's deferred order (Model Runner V2 with a speculator)."""
+    h = harness_factory(deferred_finalize=deferred_finalize)
     tokens = prompt(4, seed=1)
     first = h.request(tokens)
     h.run_until_idle()
