@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -117,6 +118,30 @@ _warned_settings: set[str] = set()
 def _installed_plugin_names() -> tuple[str, ...]:
     """Entry-point names of every installed plugin (read once: a scan of the entry points)."""
     return tuple(ep.name.lower() for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _server_tier(settings: Settings) -> MemoryTier | None:
+    """The cache server's shared memory tier when ``KVCORE_SERVER_URL`` is set (docs/server.md),
+    else None."""
+    if not os.environ.get("KVCORE_SERVER_URL"):
+        return None
+    from pydantic import ValidationError
+
+    try:
+        from kvcore.server.client import ServerTier
+        from kvcore.server.settings import ServerSettings
+    except ImportError as exc:
+        raise ConfigError(f"KVCORE_SERVER_URL needs pyzmq and msgspec ({exc.name} is missing): "
+                          "pip install 'kvcore[events]'") from None
+    try:
+        server = ServerSettings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"KVCORE_SERVER_{str(error['loc'][0]).upper()}: "
+                          f"{error['msg']}") from None
+    tier = ServerTier(server, budget=int(settings.cpu_size))
+    tier.name = "server"
+    return tier
 
 
 def _warn_unknown_settings(registry: PluginRegistry) -> None:
@@ -225,8 +250,11 @@ class CacheEngine:
         closed before the error propagates."""
         policy_factory = self.registry.policy_factory(self.settings.eviction)
         tiers: list[Tier] = []
+        server = _server_tier(self.settings)
+        if server is not None:
+            tiers.append(server)  # the host's shared memory tier stands in for the first
         try:
-            for name in self.settings.tiers:
+            for name in self.settings.tiers[len(tiers):]:
                 factory = self.registry.tier_factory(name)
                 memory = tiers[0] if tiers and isinstance(tiers[0], MemoryTier) else None
                 context = TierContext(name, self.settings, policy_factory, self._notify,

@@ -142,6 +142,12 @@ class MemoryTier(Tier):
         """A writable uint8 buffer of ``nbytes`` for ``key`` (held by the writer), or ``None``
         when the key is present, the value cannot fit, or admission refuses it."""
 
+    def reserve_many(self, keys: Sequence[ChunkKey], nbytes: int,
+                     parents: Sequence[ChunkKey | None]) -> list[np.ndarray | None]:
+        """:meth:`reserve` for each key (``nbytes`` each, ``parents[i]`` its parent); a tier
+        that pays a round trip per call (the cache server) does them in one."""
+        return [self.reserve(key, nbytes, parent) for key, parent in zip(keys, parents)]
+
     @abstractmethod
     def commit(self, key: ChunkKey) -> None:
         """Make a reserved chunk visible to readers (and evictable)."""

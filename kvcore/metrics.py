@@ -78,6 +78,11 @@ CATALOGUE: dict[str, str] = {
     "kv_events_dropped_total": "Tier notifications dropped before publishing (queue full).",
     "kv_events_errors_total": "Failures of the KV event publisher thread.",
     "kv_events_bad_replays_total": "Malformed replay requests ignored.",
+    # the cache server (kvcore.server)
+    "server_requests_total": "Requests served, by kind (hello, reserve, acquire...).",
+    "server_bad_requests_total": "Requests refused as malformed or out of bounds.",
+    "server_leases_ended_total": "Client leases ended (expired, or ended by the client).",
+    "server_arena_full_total": "Reservations refused for lack of a free extent in the arena.",
     # the controller
     "controller_instances": "Instances registered with the controller.",
     "controller_chunks_indexed": "Chunks the controller's index holds, by instance and tier.",
@@ -93,7 +98,8 @@ CATALOGUE: dict[str, str] = {
 """Every metric kvcore records, with its help text (the Prometheus ``# HELP`` line). A test
 checks that each name recorded in the code is listed here."""
 
-LABEL_NAMES: dict[str, str] = {"request_misses_total": "reason"}
+LABEL_NAMES: dict[str, str] = {"request_misses_total": "reason", "server_requests_total": "kind",
+                               "server_leases_ended_total": "why"}
 """The Prometheus label of a metric's label where it is not ``tier``."""
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -210,16 +210,16 @@ class Pipeline:
                         "nothing can be stored; raise KVCORE_CPU_SIZE or lower "
                         "KVCORE_CHUNK_SIZE", memory.budget, nbytes)
         indices, dests, reserved = [], [], []
-        for i, key in enumerate(keys):
-            if present[i]:
-                continue
-            buf = memory.reserve(key, nbytes, keys[i - 1] if i else None)
+        wanted = [i for i in range(len(keys)) if not present[i]]
+        bufs = memory.reserve_many([keys[i] for i in wanted], nbytes,
+                                   [keys[i - 1] if i else None for i in wanted])
+        for i, buf in zip(wanted, bufs):
             if buf is None:
                 self.metrics.inc("store_rejected_chunks_total")
                 continue
             indices.append(i)
             dests.append(buf)
-            reserved.append(key)
+            reserved.append(keys[i])
         if not reserved:
             return 0
         try:

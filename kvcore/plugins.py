@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvcore.copy.bench",
     "kvcore.control.plugin",
     "kvcore.events.kv_events",
+    "kvcore.server.cache_server",
     "kvcore.codecs.builtin_codecs",
 )
 

@@ -67,11 +67,15 @@ class CpuTier(MemoryTier):
         policy: EvictionPolicy,
         notify: Callable[[str, str, list[ChunkKey]], None] | None = None,
         allocate: Callable[[int], np.ndarray] | None = None,
+        free: Callable[[np.ndarray], None] | None = None,
     ) -> None:
+        """``allocate``/``free``: where chunk buffers come from and go back to (the cache
+        server's shared arena); by default host memory the garbage collector frees."""
         self.budget = budget_bytes
         self.policy = policy
         self._notify = notify
         self._alloc = allocate or _host_allocator()
+        self._free = free
         self._entries: dict[ChunkKey, _Entry] = {}
         self._used = 0
         self._lock = threading.Lock()
@@ -132,6 +136,7 @@ class CpuTier(MemoryTier):
             entry = self._entries.pop(key, None)
             if entry is not None:
                 self._used -= entry.size
+                self._give_back(entry)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -260,6 +265,13 @@ class CpuTier(MemoryTier):
         self._used -= entry.size
         self.policy.remove(key)
         self.evictions += 1
+        self._give_back(entry)
+
+    def _give_back(self, entry: _Entry) -> None:
+        """An entry left the tier (no reader holds it): its buffer goes back to ``free``."""
+        if self._free is not None and entry.buf is not None:
+            buf, entry.buf = entry.buf, None
+            self._free(buf)
 
 
 def make_cpu_tier(context: TierContext) -> CpuTier:

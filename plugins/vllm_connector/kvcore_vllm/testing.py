@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,8 @@ class Step:
     label: str = ""
     pause_s: float = 0.0
     """Keep the engine idle this long after the step (a test acts on it meanwhile)."""
+    kill_after: bool = False
+    """SIGKILL the engine's process after this step (and its flush): a crash, no clean-up."""
 
 
 @dataclass
@@ -257,6 +260,8 @@ def _child(spec_path: str, out_path: str) -> None:
             drain(llm)
             _flush_connector()  # what the drained steps stored or verified
         time.sleep(step["pause_s"])
+        if step.get("kill_after"):
+            os.kill(os.getpid(), signal.SIGKILL)
         results.append({
             "label": step["label"],
             "outputs": [list(o.outputs[0].token_ids) for o in outputs],
