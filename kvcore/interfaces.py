@@ -167,10 +167,30 @@ class MemoryTier(Tier):
         did not hand out and views already released are ignored: a caller can only end its
         own holds, once."""
 
-    @abstractmethod
     def put_one(self, key: ChunkKey, parts: Sequence[Buffer],
                 parent: ChunkKey | None = None) -> bool:
         """Copy one value (its parts concatenated) in; False where it was not stored."""
+        views = [memoryview(part).cast("B") for part in parts]
+        buf = self.reserve(key, sum(v.nbytes for v in views), parent)
+        if buf is None:
+            return False
+        offset = 0
+        for view in views:
+            buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+            offset += view.nbytes
+        self.commit(key)
+        return True
+
+    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
+        return [self.put_one(key, parts) for key, parts in items]
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        """Copies of the chunks held (through :meth:`acquire` and :meth:`release`)."""
+        views = self.acquire(keys)
+        try:
+            return [bytes(v) if v is not None else None for v in views]
+        finally:
+            self.release(views)
 
     @abstractmethod
     def touch(self, keys: Sequence[ChunkKey]) -> None:

@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from kvcore.interfaces import Buffer, MemoryTier, TierUsage
+from kvcore.interfaces import MemoryTier, TierUsage
 from kvcore.keys import ChunkKey
 from kvcore.server import protocol as p
 from kvcore.server.arena import SharedArena
@@ -270,22 +270,6 @@ class ServerTier(MemoryTier):
         if lease is not None:
             self._tell(p.Abort(key), lease)
 
-    def put_one(self, key: ChunkKey, parts: Sequence[Buffer],
-                parent: ChunkKey | None = None) -> bool:
-        views = [memoryview(part).cast("B") for part in parts]
-        buf = self.reserve(key, sum(v.nbytes for v in views), parent)
-        if buf is None:
-            return False
-        offset = 0
-        for view in views:
-            buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
-            offset += view.nbytes
-        self.commit(key)
-        return True
-
-    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
-        return [self.put_one(key, parts) for key, parts in items]
-
     # -- reading -------------------------------------------------------------------------------
 
     def acquire(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
@@ -327,13 +311,6 @@ class ServerTier(MemoryTier):
                 by_lease.setdefault(held[2], []).append(held[1])
         for lease, keys in by_lease.items():
             self._tell(p.Release(keys), lease)  # holds of an ended lease are void
-
-    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        views = self.acquire(keys)
-        try:
-            return [bytes(v) if v is not None else None for v in views]
-        finally:
-            self.release(views)
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         keys = list(keys)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from kvcore.hookspecs import hookimpl
-from kvcore.interfaces import Buffer, EvictionPolicy, MemoryTier, TierContext, TierUsage
+from kvcore.interfaces import EvictionPolicy, MemoryTier, TierContext, TierUsage
 from kvcore.keys import ChunkKey
 
 
@@ -184,30 +184,6 @@ class CpuTier(MemoryTier):
                 entry = self._entries.get(key)
                 if entry is not None and entry.ready and not entry.pinned:
                     self.policy.touch(key)
-
-    def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        views = self.acquire(keys)
-        try:
-            return [bytes(v) if v is not None else None for v in views]
-        finally:
-            self.release(views)
-
-    def put(self, items: Sequence[tuple[ChunkKey, Sequence[Buffer]]]) -> list[bool]:
-        return [self.put_one(key, parts) for key, parts in items]
-
-    def put_one(
-        self, key: ChunkKey, parts: Sequence[Buffer], parent: ChunkKey | None = None
-    ) -> bool:
-        views = [memoryview(p).cast("B") for p in parts]
-        buf = self.reserve(key, sum(v.nbytes for v in views), parent)
-        if buf is None:
-            return False
-        offset = 0
-        for view in views:
-            buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
-            offset += view.nbytes
-        self.commit(key)
-        return True
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         removed: list[ChunkKey] = []
