@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -123,22 +122,23 @@ def _installed_plugin_names() -> tuple[str, ...]:
 def _server_tier(settings: Settings) -> MemoryTier | None:
     """The cache server's shared memory tier when ``KVCORE_SERVER_URL`` is set (docs/server.md),
     else None."""
-    if not os.environ.get("KVCORE_SERVER_URL"):
-        return None
     from pydantic import ValidationError
 
-    try:
-        from kvcore.server.client import ServerTier
-        from kvcore.server.settings import ServerSettings
-    except ImportError as exc:
-        raise ConfigError(f"KVCORE_SERVER_URL needs pyzmq and msgspec ({exc.name} is missing): "
-                          "pip install 'kvcore[events]'") from None
+    from kvcore.server.settings import ServerSettings
+
     try:
         server = ServerSettings()
     except ValidationError as exc:
         error = exc.errors()[0]
         raise ConfigError(f"KVCORE_SERVER_{str(error['loc'][0]).upper()}: "
                           f"{error['msg']}") from None
+    if not server.url:
+        return None
+    try:
+        from kvcore.server.client import ServerTier
+    except ImportError as exc:
+        raise ConfigError(f"KVCORE_SERVER_URL needs pyzmq and msgspec ({exc.name} is missing): "
+                          "pip install 'kvcore[events]'") from None
     tier = ServerTier(server, budget=int(settings.cpu_size))
     tier.name = "server"
     return tier

@@ -332,3 +332,12 @@ def test_a_stopped_client_keeps_its_reservation_until_it_is_gone(server: Server,
         assert wait_for(lambda: observer.memory.usage().used_bytes == 0)
     finally:
         observer.close()
+
+
+def test_an_engine_with_a_bad_server_url_names_the_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcore.config import ConfigError
+
+    monkeypatch.setenv("KVCORE_SERVER_URL", "http://localhost:1234")
+    with pytest.raises(ConfigError, match="KVCORE_SERVER_URL"):
+        engine()
