@@ -104,5 +104,8 @@ class NamespaceBook:
             return [*self._declared.values(), *self._seen.values()]
 
     def namespaces(self) -> list[Namespace]:
-        """Every known namespace, the most recently seen last."""
-        return [e.namespace for e in self.entries()]
+        """Every known namespace: seen ones oldest first, then the declared ones (a miss is
+        checked against the last few, and the declared ones always count)."""
+        with self._lock:
+            entries = [*self._seen.values(), *self._declared.values()]
+        return [e.namespace for e in entries]
