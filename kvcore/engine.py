@@ -122,16 +122,9 @@ def _installed_plugin_names() -> tuple[str, ...]:
 def _server_tier(settings: Settings) -> MemoryTier | None:
     """The cache server's shared memory tier when ``KVCORE_SERVER_URL`` is set (docs/server.md),
     else None."""
-    from pydantic import ValidationError
-
     from kvcore.server.settings import ServerSettings
 
-    try:
-        server = ServerSettings()
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise ConfigError(f"KVCORE_SERVER_{str(error['loc'][0]).upper()}: "
-                          f"{error['msg']}") from None
+    server = load_settings(ServerSettings)
     if not server.url:
         return None
     try:

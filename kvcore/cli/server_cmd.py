@@ -24,18 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     try:
         from kvcore.server.service import run_server
         from kvcore.server.settings import ServerSettings
     except ImportError as exc:
         raise ConfigError(f"the server needs pyzmq and msgspec ({exc.name} is missing): "
                           "pip install 'kvcore[events]'") from None
-    try:
-        server = ServerSettings(**({"url": args.url} if args.url else {}))
-    except ValidationError as exc:
-        raise ConfigError(str(exc.errors()[0]["msg"])) from None
+    server = load_settings(ServerSettings, **({"url": args.url} if args.url else {}))
     if not server.url:
         raise ConfigError("KVCORE_SERVER_URL is not set (or pass --url): for example "
                           "unix:///run/kvcore/kvcore.sock")

@@ -26,6 +26,7 @@ import zmq
 
 from kvcore.interfaces import MemoryTier, TierUsage
 from kvcore.keys import ChunkKey
+from kvcore.processes import pid_namespace
 from kvcore.server import protocol as p
 from kvcore.server.arena import SharedArena
 from kvcore.server.settings import ServerSettings
@@ -144,7 +145,7 @@ class ServerTier(MemoryTier):
                     self._tell_locked(p.Abort(key))
 
     def _hello_locked(self) -> None:
-        welcome = self._ask_locked(p.Hello(os.getpid(), _pid_namespace()))
+        welcome = self._ask_locked(p.Hello(os.getpid(), pid_namespace()))
         if not isinstance(welcome, p.Welcome):
             raise ServerDown(f"unexpected answer to Hello: {welcome}")
         link = self._link
@@ -361,14 +362,6 @@ class ServerTier(MemoryTier):
             if self._link is not None:
                 self._link.arena.close()
         self._pinger.join(timeout=1.0)
-
-
-def _pid_namespace() -> str:
-    """This process's pid namespace (the server checks a silent client's pid only in its own)."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 def _group_id(settings: ServerSettings) -> int | None:

@@ -35,6 +35,7 @@ from kvcore.config import Settings
 from kvcore.keys import KEY_BYTES, ChunkKey
 from kvcore.metrics import Metrics
 from kvcore.plugins import get_registry
+from kvcore.processes import pid_alive, pid_namespace
 from kvcore.server import protocol as p
 from kvcore.server.arena import SharedArena
 from kvcore.server.settings import ServerSettings
@@ -78,7 +79,7 @@ class CacheServer:
         self.tier = CpuTier(budget, policy, allocate=self.arena.allocate, free=self.arena.free)
         self.metrics = Metrics()
         self.leases: dict[bytes, Lease] = {}
-        self._pid_namespace = _own_pid_namespace()
+        self._pid_namespace = pid_namespace()
         self._stop = threading.Event()
         self._handlers: dict[type, Any] = {
             p.Hello: self._hello, p.Ping: lambda lease, r: p.Done(), p.Bye: self._bye,
@@ -203,7 +204,7 @@ class CacheServer:
         for client, lease in list(self.leases.items()):
             if now - lease.last_seen <= self.server.lease_s:
                 continue
-            if lease.pid and lease.pid_namespace == self._pid_namespace and _alive(lease.pid):
+            if lease.pid and lease.pid_namespace == self._pid_namespace and pid_alive(lease.pid):
                 if not lease.warned:
                     lease.warned = True
                     log.warning("kvcore server: client pid %d is silent but alive: keeping "
@@ -319,16 +320,6 @@ class CacheServer:
         return p.UsageReply(usage.used_bytes, usage.budget_bytes, usage.chunks)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _answers(address: str) -> bool:
     """Whether a server answers at ``address`` (before taking its socket over)."""
     context: zmq.Context = zmq.Context.instance()
@@ -340,13 +331,6 @@ def _answers(address: str) -> bool:
         return bool(sock.poll(500))
     finally:
         sock.close(0)
-
-
-def _own_pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 def run_server(settings: Settings, server: ServerSettings) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kvcore.interfaces import Buffer
 from kvcore.keys import NAMESPACE_BYTES, ChunkKey
+from kvcore.processes import pid_alive
 
 ORPHAN_AGE_S = 3600.0
 """An unindexed file of a live writer is left alone for this long (it may be about to commit)."""
@@ -133,16 +134,6 @@ def iter_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 continue
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def collect_orphans(
     root: Path, indexed: Callable[[str], bool], age_s: float = ORPHAN_AGE_S
 ) -> int:
@@ -156,7 +147,7 @@ def collect_orphans(
         if indexed(name):
             continue
         pid = int(parts[1])
-        if pid != os.getpid() and _pid_alive(pid) and now - st.st_mtime < age_s:
+        if pid != os.getpid() and pid_alive(pid) and now - st.st_mtime < age_s:
             continue
         if pid == os.getpid() and now - st.st_mtime < age_s:
             continue
