@@ -16,8 +16,8 @@ def zmq_address(url: str) -> str:
         return "ipc://" + url.removeprefix("unix://")
     if url.startswith("ipc://"):
         return url
-    raise ValueError(f"KVCORE_SERVER_URL={url!r}: give unix:///path/to/kvcore.sock (the server "
-                     "shares memory with its engines, so it listens on a local socket only)")
+    raise ValueError("give unix:///path/to/kvcore.sock (the server shares memory with its "
+                     "engines, so it listens on a local socket only)")
 
 
 class ServerSettings(PluginSettings):
