@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,8 @@ pytest.importorskip("uvicorn")
 
 from kvcore.control.client import ControllerClient, ControllerError, HttpJson  # noqa: E402
 from kvcore.keys import Namespace  # noqa: E402
+from kvcore.testing.controller import start_controller as controller_process  # noqa: E402
+from kvcore.testing.controller import stop_process  # noqa: E402
 from kvcore.testing.ports import closed_address  # noqa: E402
 
 TOKEN = "cluster-test-token"
@@ -188,25 +189,8 @@ class Instance:
 
 
 def start_controller(port: int = 0, expiry_s: float = 1.5) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "KVCORE_CONTROLLER_TOKEN": TOKEN,
-           "KVCORE_CONTROLLER_EXPIRY_S": str(expiry_s), "KVCORE_CONTROLLER_POLL_S": "2",
-           "KVCORE_CONTROLLER_COMMAND_TIMEOUT_S": "10"}
-    proc = subprocess.Popen([sys.executable, "-m", "kvcore.cli.main", "controller",
-                             "--port", str(port)], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening on" in line, line
-    return proc, line.split()[-1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return controller_process(TOKEN, port, expiry_s=str(expiry_s), poll_s="2",
+                              command_timeout_s="10")
 
 
 @pytest.fixture
@@ -220,7 +204,7 @@ def script(tmp_path: Path) -> Path:
 def controller() -> Iterator[str]:
     proc, url = start_controller()
     yield url
-    stop(proc)
+    stop_process(proc)
 
 
 @pytest.fixture
@@ -383,7 +367,7 @@ def test_instance_outlives_the_controller_and_registers_again(script: Path) -> N
         a.ask("store", SHORT)
         client = ControllerClient(url, TOKEN)
         wait_for(lambda: client.lookup(NS, PROMPT) == {"a": 8}, "first index")
-        stop(proc)
+        stop_process(proc)
         wait_for(lambda: not a.ask("registered")["registered"], "loss noticed")
         assert a.ask("store", PROMPT)["stored"] == 2  # serving goes on without the controller
         assert a.ask("holds", PROMPT)["cpu"] == 16
@@ -392,7 +376,7 @@ def test_instance_outlives_the_controller_and_registers_again(script: Path) -> N
         wait_for(lambda: client.lookup(NS, PROMPT) == {"a": 16}, "index rebuilt from snapshot")
     finally:
         a.kill()
-        stop(proc)
+        stop_process(proc)
 
 
 def test_a_wrong_token_or_url_is_said_once_and_the_engine_serves(

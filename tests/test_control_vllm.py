@@ -26,17 +26,14 @@ if importlib.util.find_spec("vllm") is None:  # not imported here: it is slow to
 pytest.importorskip("fastapi")
 testing = pytest.importorskip("kvcore_vllm.testing")
 
+from kvcore.testing.controller import start_controller as controller_process  # noqa: E402
+
 TOKEN = "vllm-test-token"
 
 
 def start_controller() -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "KVCORE_CONTROLLER_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "kvcore.cli.main", "controller", "--port",
-                             "0"], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening on" in line, line
-    return proc, line.split()[-1]
+    return controller_process(TOKEN)
+
 
 CHILD = textwrap.dedent('''
     """One vLLM engine with kvcore reporting to the controller; writes what it saw as JSON."""
