@@ -119,9 +119,11 @@ def _installed_plugin_names() -> tuple[str, ...]:
     return tuple(ep.name.lower() for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
-def _server_tier(settings: Settings) -> MemoryTier | None:
+def _server_tier(settings: Settings, planner: Planner,
+                 namespaces: NamespaceBook) -> MemoryTier | None:
     """The cache server's shared memory tier when ``KVCORE_SERVER_URL`` is set (docs/server.md),
-    else None."""
+    else None; the planner learns the server's tier costs from it, and the server the
+    engine's namespaces."""
     from kvcore.server.settings import ServerSettings
 
     server = load_settings(ServerSettings)
@@ -132,7 +134,8 @@ def _server_tier(settings: Settings) -> MemoryTier | None:
     except ImportError as exc:
         raise ConfigError(f"KVCORE_SERVER_URL needs pyzmq and msgspec ({exc.name} is missing): "
                           "pip install 'kvcore[events]'") from None
-    tier = ServerTier(server, budget=int(settings.cpu_size))
+    tier = ServerTier(server, budget=int(settings.cpu_size), costs=planner.tier,
+                      namespaces=namespaces)
     tier.name = "server"
     return tier
 
@@ -169,11 +172,18 @@ class CacheEngine:
         registry: PluginRegistry | None = None,
         tiers: Sequence[Tier] | None = None,
         attachments: bool = True,
+        memory: MemoryTier | None = None,
+        role: str = "engine",
     ) -> None:
         """``attachments=False``: start none of the plugins' attachments (no controller
         reporter, no peer server), for a lookup-only instance such as vLLM's scheduler when its
-        worker, which holds the KV, runs in another process."""
+        worker, which holds the KV, runs in another process. ``memory``: the memory tier to
+        use instead of the first of ``settings.tiers`` (the cache server's shared one).
+        ``role``: what this instance is to the controller (``engine``, or ``cache-server``)."""
         self.settings = settings or load_settings()
+        self.role = role
+        self.stats_sections: dict[str, Callable[[], Any]] = {}
+        """Sections others add to :meth:`stats` (the cache server's attached clients)."""
         self.pending = PendingStores()
         """Keys queued or being stored (a peer server waits for them instead of missing)."""
         logs.configure(self.settings.log_level)
@@ -192,7 +202,7 @@ class CacheEngine:
         self.planner = Planner(self.settings.planner)
         """Load or recompute: the measured cost of each lower tier and of the engine's prefill."""
         self._observers: list[Callable[[str, str, list[ChunkKey]], None]] = []
-        built = list(tiers) if tiers is not None else self._build_tiers()
+        built = list(tiers) if tiers is not None else self._build_tiers(memory)
         first = built[0]
         if not isinstance(first, MemoryTier):
             if tiers is None:
@@ -238,14 +248,21 @@ class CacheEngine:
                          max_raw_bytes=self.memory.budget, history=self.history,
                          cost=self.planner.tier(tier.name))
 
-    def _build_tiers(self) -> list[Tier]:
-        """The tiers of ``settings.tiers``; when one fails to build, those already built are
-        closed before the error propagates."""
+    def _build_tiers(self, memory: MemoryTier | None) -> list[Tier]:
+        """The tiers of ``settings.tiers`` (``memory`` or the cache server's standing in for
+        the first); when one fails to build, those already built are closed before the error
+        propagates. Behind a cache server the server owns every tier: the engine builds
+        none."""
         policy_factory = self.registry.policy_factory(self.settings.eviction)
-        tiers: list[Tier] = []
-        server = _server_tier(self.settings)
+        tiers: list[Tier] = [memory] if memory is not None else []
+        server = (_server_tier(self.settings, self.planner, self.namespaces)
+                  if memory is None else None)
         if server is not None:
-            tiers.append(server)  # the host's shared memory tier stands in for the first
+            if self.settings.tiers[1:]:
+                log.info("kvcore engine: behind the cache server, whose tiers (KVCORE_TIERS "
+                         "of its environment) serve this engine: %s are the server's",
+                         ",".join(self.settings.tiers[1:]))
+            return [server]
         try:
             for name in self.settings.tiers[len(tiers):]:
                 factory = self.registry.tier_factory(name)
@@ -364,7 +381,7 @@ class CacheEngine:
             again = set(self.pipeline.admission.asked(keys, found))
             self.pipeline.copy_down([k for k in in_memory if k in again])
         below = [i for i in range(n) if source[i] != self.memory.name]
-        if prefetch and below:
+        if prefetch and below and self.lower:  # a fronting memory tier prefetches itself
             self.pipeline.prefetch([keys[i] for i in below],
                                    {keys[i]: (keys[i - 1] if i else None) for i in below})
         result.sources = [s for s in source[:n] if s is not None]
@@ -424,15 +441,22 @@ class CacheEngine:
         keys = list(keys)
         in_time, timeouts = True, self.stack.timeouts()
         views = self.memory.acquire(keys)
-        if self.lower and any(v is None for v in views):
+        if (self.lower or self.memory.below) and any(v is None for v in views):
             first_gap = next(i for i, v in enumerate(views) if v is None)
             self.memory.release(views[first_gap:])
             views[first_gap:] = [None] * (len(keys) - first_gap)
+            wait_s = timeout_s or self.settings.tier_timeout_s
             try:
-                in_time = self.pipeline.wait_inflight(
-                    keys[first_gap:], timeout_s or self.settings.tier_timeout_s)
-                parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
-                self.stack.promote(keys[first_gap:], parents)
+                if self.memory.below:  # its owner reads them (and times it for the planner)
+                    started = time.perf_counter()
+                    self.memory.fill(keys[first_gap:], [keys[i - 1] if i else None
+                                                        for i in range(first_gap, len(keys))],
+                                     wait_s)
+                    in_time = time.perf_counter() - started <= wait_s
+                if self.lower:
+                    in_time = self.pipeline.wait_inflight(keys[first_gap:], wait_s)
+                    parents = {k: (keys[i - 1] if i else None) for i, k in enumerate(keys)}
+                    self.stack.promote(keys[first_gap:], parents)
                 views[first_gap:] = self.memory.acquire(keys[first_gap:])
             except BaseException:
                 self.memory.release(views)  # no hold outlives a failed acquire
@@ -475,7 +499,8 @@ class CacheEngine:
     def stats(self) -> dict[str, Any]:
         """Tier usage plus metrics. A lower tier's usage is read with the same bounded wait as
         every other lower-tier call (a tier that does not answer reports an error)."""
-        return {"tiers": self.stack.usage(), **self.metrics.snapshot()}
+        sections = {name: section() for name, section in list(self.stats_sections.items())}
+        return {"tiers": self.stack.usage(), **self.metrics.snapshot(), **sections}
 
     @property
     def closed(self) -> bool:

@@ -71,6 +71,9 @@ class Tier(ABC):
     _notify: Callable[[str, str, list[ChunkKey]], None] | None = None
     """Observer from :attr:`TierContext.notify`; a tier that sets it reports through
     :meth:`_emit`."""
+    reported: bool = True
+    """False for a tier another process owns and reports to the controller (the cache
+    server's): this engine's reporter leaves its keys out."""
 
     def _emit(self, kind: str, keys: list[ChunkKey]) -> None:
         """Report ``"admit"``, ``"evict"`` or ``"corrupt"`` (removed after failing the tier's
@@ -195,6 +198,32 @@ class MemoryTier(Tier):
     @abstractmethod
     def touch(self, keys: Sequence[ChunkKey]) -> None:
         """Report a hit on each chunk held (for the eviction policy)."""
+
+    # A memory tier may front tiers of its own that another process owns (the cache server's
+    # lower tiers): it then names them in ``below`` and overrides the three methods after it.
+    below: tuple[str, ...] = ()
+    """Names of the tiers this memory tier fronts (none: the engine's own tiers follow it)."""
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
+        """For each key, the name of the tier holding it (this one, or one of :attr:`below`);
+        ``None`` where none does. Moves no data."""
+        return [self.name if hit else None for hit in self.contains(keys)]
+
+    def fill(self, keys: Sequence[ChunkKey], parents: Sequence[ChunkKey | None],
+             timeout_s: float) -> int:
+        """Bring ``keys`` that only the tiers :attr:`below` hold into this one, waiting at most
+        ``timeout_s``; how many chunks it brought."""
+        return 0
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the write-behind of the tiers :attr:`below` is
+        done; False when it was not."""
+        return True
+
+    def clear_below(self, namespace: bytes | None, tier: str | None) -> int:
+        """Remove every chunk (of ``namespace``, in ``tier``: this one or one of
+        :attr:`below`; ``None``: all of them); how many copies were removed."""
+        return 0
 
 
 class EvictionPolicy(ABC):

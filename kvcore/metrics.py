@@ -83,6 +83,7 @@ CATALOGUE: dict[str, str] = {
     "server_bad_requests_total": "Requests refused as malformed or out of bounds.",
     "server_leases_ended_total": "Client leases ended (expired, or ended by the client).",
     "server_arena_full_total": "Reservations refused for lack of a free extent in the arena.",
+    "server_busy_total": "Lower-tier requests refused because too many were queued.",
     # the controller
     "controller_instances": "Instances registered with the controller.",
     "controller_chunks_indexed": "Chunks the controller's index holds, by instance and tier.",

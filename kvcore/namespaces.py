@@ -103,6 +103,12 @@ class NamespaceBook:
         with self._lock:
             return [*self._declared.values(), *self._seen.values()]
 
+    def entries_declared(self) -> list[tuple[NamespaceEntry, bool]]:
+        """:meth:`entries`, each with whether a connector declared it."""
+        with self._lock:
+            return [*((e, True) for e in self._declared.values()),
+                    *((e, False) for e in self._seen.values())]
+
     def namespaces(self) -> list[Namespace]:
         """Every known namespace: seen ones oldest first, then the declared ones (a miss is
         checked against the last few, and the declared ones always count)."""

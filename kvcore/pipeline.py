@@ -235,10 +235,21 @@ class Pipeline:
         self.metrics.inc("stored_chunks_total", len(reserved))
         self.metrics.inc("bytes_stored_total", nbytes * len(reserved), memory.name)
         self.metrics.observe("store_seconds", time.perf_counter() - started)
-        admitted = self.admission.admit(reserved)
-        self._note_not_admitted(reserved, admitted)
-        self.copy_down(admitted)
+        self._write_behind(reserved)
         return len(reserved)
+
+    def stored(self, keys: list[ChunkKey]) -> None:
+        """Chunks another process stored into this engine's memory tier (an engine attached to
+        the cache server): fresh KV, written behind as if stored here."""
+        if self.stack.codecs is not None:
+            self.stack.codecs.forget(keys)
+        self.metrics.inc("stored_chunks_total", len(keys))
+        self._write_behind(keys)
+
+    def _write_behind(self, stored: list[ChunkKey]) -> None:
+        admitted = self.admission.admit(stored)
+        self._note_not_admitted(stored, admitted)
+        self.copy_down(admitted)
 
     def _note_not_admitted(self, stored: list[ChunkKey], admitted: list[ChunkKey]) -> None:
         """Tell the history which stored chunks write-behind leaves out (why a later miss
@@ -302,7 +313,8 @@ class Pipeline:
         while time.monotonic() < deadline:
             queues = [self._store_queue, *(w.queue for w in self.write_behind)]
             if all(q.unfinished_tasks == 0 for q in queues):
-                return True
+                memory = self.stack.memory  # a fronting memory tier's owner writes behind
+                return not memory.below or memory.flush(deadline - time.monotonic())
             time.sleep(0.005)
         return False
 

@@ -63,6 +63,12 @@ class TierCost:
                                 else ALPHA * sample + (1 - ALPHA) * self.per_chunk_s)
             self.reads += 1
 
+    def adopt(self, per_chunk_s: float, in_flight: int) -> None:
+        """Take a measurement made elsewhere: the cache server reads its lower tiers and
+        tells its engines what a chunk costs there and what is queued."""
+        with self._lock:
+            self.per_chunk_s, self.in_flight = per_chunk_s, in_flight
+
     def load_s(self, chunks: int) -> float | None:
         """Expected seconds to read ``chunks`` now (backlog included); None before any read."""
         with self._lock:

@@ -241,8 +241,9 @@ class TierStack:
     def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
         """For each key, the first tier (fastest first) that holds it; ``None`` where none
         does. Lower tiers are asked only about chunks after the first one memory misses."""
-        source: list[str | None] = [self.memory.name if hit else None
-                                    for hit in self.memory.contains(keys)]
+        source = self.memory.locate(keys)
+        if len(source) != len(keys):
+            source = [None] * len(keys)
         first_gap = next((i for i, s in enumerate(source) if s is None), len(keys))
         missing = [i for i in range(first_gap, len(keys)) if source[i] is None]
         for tier in self.lower:
@@ -306,7 +307,10 @@ class TierStack:
         """Remove every chunk (of one namespace, in one tier, when given)."""
         ns = namespace.digest if isinstance(namespace, Namespace) else namespace
         removed = 0
-        if tier is None or tier == self.memory.name:
+        if self.memory.below and (tier is None or tier == self.memory.name
+                                  or tier in self.memory.below):
+            removed += self.memory.clear_below(ns, tier)  # its owner notes what it removed
+        elif tier is None or tier == self.memory.name:
             keys = [k for k in self.memory.iter_keys() if ns is None or key_namespace(k) == ns]
             self.memory.unpin(keys)
             removed += self.memory.delete(keys)
@@ -342,3 +346,7 @@ class TierStack:
     def close(self) -> None:
         for tier in self.lower:
             tier.close()
+        try:
+            self.memory.close()  # the cache server's: its lease ends now, its threads stop
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            log.warning("kvcore tier %s: close failed: %s", self.memory.name, exc)

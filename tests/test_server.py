@@ -340,3 +340,97 @@ def test_an_engine_with_a_bad_server_url_names_the_setting(
     monkeypatch.setenv("KVCORE_SERVER_URL", "http://localhost:1234")
     with pytest.raises(ConfigError, match="KVCORE_SERVER_URL"):
         engine()
+
+
+# -- the server as the host's instance ---------------------------------------------------------
+
+
+def test_arena_files_of_dead_servers_are_removed_at_start(tmp_path: Path) -> None:
+    """A SIGKILLed server leaves its arena file; the next server removes it (no server holds
+    its lock), and leaves alone a live server's arena and one that is just being created."""
+    first = Server(tmp_path / "a", budget=4 * CHUNK_BYTES, shm_dir=tmp_path).start()
+    first.kill()
+    left = list(tmp_path.glob(f"kvcore-{os.getuid()}-*"))
+    assert len(left) == 1
+    old = time.time() - 3600
+    os.utime(left[0], (old, old))
+    live = SharedArena(tmp_path / f"kvcore-{os.getuid()}-live", 1 << 16, create=True, lock=True)
+    os.utime(live.path, (old, old))
+    young = tmp_path / f"kvcore-{os.getuid()}-young"
+    young.write_bytes(b"")
+    second = Server(tmp_path / "b", budget=4 * CHUNK_BYTES, shm_dir=tmp_path).start()
+    try:
+        names = {p.name for p in tmp_path.glob(f"kvcore-{os.getuid()}-*")}
+        assert left[0].name not in names
+        assert {live.path.name, young.name} <= names
+        assert len(names) == 3  # and the second server's own
+    finally:
+        second.stop()
+        live.close(unlink=True)
+
+
+def test_the_server_is_the_hosts_instance_at_the_controller(
+        server_with_controller: tuple[Server, str]) -> None:
+    """The server reports its tiers as one instance, role ``cache-server``, listing the engines
+    attached; an engine behind it reports no chunks of its own but is counted as holding what
+    the server holds, so routing by served model name picks it (never the server)."""
+    from kvcore.control.client import ControllerClient
+
+    srv, url = server_with_controller
+    client = ControllerClient(url, TOKEN)
+    tokens = list(range(7000, 7000 + 4 * CHUNK))
+    with engine() as e:
+        e.declare_namespace(NS, served_as=["chat"])
+        e.store_buffers(e.keys_for(NS, tokens), chunk_values(tokens)).wait(10)
+
+        def seen() -> dict[str, dict[str, Any]] | None:
+            found = {i["id"]: i for i in client.instances()}
+            cache, mine = found.get("host-cache"), found.get("engine-a")
+            ready = (cache is not None and mine is not None and cache["attached"] == ["engine-a"]
+                     and cache["chunks_indexed"].get("cpu") == 4
+                     and os.getpid() in [c["pid"] for c in cache["clients"]])
+            return found if ready else None
+
+        found = wait_for(seen, timeout=20)
+        assert found, client.instances()
+        cache, mine = found["host-cache"], found["engine-a"]
+        assert cache["role"] == "cache-server" and mine["role"] == "engine"
+        assert mine["cache_server"] == "host-cache"
+        assert list(mine["tiers"]) == ["server"] and not any(mine["chunks_indexed"].values())
+
+        routed = client.route(None, tokens, model="chat")
+        assert (routed["instance"], routed["tokens"]) == ("engine-a", 4 * CHUNK)
+        assert client.lookup(None, tokens, model="chat") == {"engine-a": 4 * CHUNK}
+        # The engine told the server its namespaces: the server is listed as their holder.
+        listed = wait_for(lambda: [n for n in client.namespaces(model="chat")
+                                   if any(h["instance"] == "host-cache"
+                                          for h in n["instances"])], timeout=10)
+        assert listed and listed[0]["id"] == NS.digest.hex()
+        holders = {h["instance"]: h["chunks_by_tier"] for h in listed[0]["instances"]}
+        assert holders["host-cache"] == {"cpu": 4}
+
+
+TOKEN = "server-test-token"
+
+
+@pytest.fixture
+def server_with_controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                           ) -> Iterator[tuple[Server, str]]:
+    pytest.importorskip("fastapi")
+    from kvcore.testing.controller import start_controller, stop_process
+
+    proc, url = start_controller(TOKEN)
+    reporting = {"KVCORE_CONTROLLER_URL": url, "KVCORE_CONTROLLER_TOKEN": TOKEN,
+                 "KVCORE_CONTROLLER_HEARTBEAT_S": "0.3", "KVCORE_CONTROLLER_FLUSH_S": "0.05"}
+    srv = Server(tmp_path, budget=32 * CHUNK_BYTES, lease_s=LEASE_S,
+                 env={**reporting, "KVCORE_CONTROLLER_INSTANCE_ID": "host-cache",
+                      "KVCORE_CHUNK_SIZE": str(CHUNK)}).start()
+    for name, value in {**srv.client_env(), **reporting,
+                        "KVCORE_CONTROLLER_INSTANCE_ID": "engine-a"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        yield srv, url
+    finally:
+        if srv.running:
+            srv.kill()
+        stop_process(proc)

@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Keep the memory tier in shared memory and serve it to every engine on "
         "this host that sets the same KVCORE_SERVER_URL. Takes the KVCORE_* settings an engine "
         "takes (KVCORE_CPU_SIZE is the shared tier's budget, KVCORE_EVICTION its policy) and "
-        "KVCORE_SERVER_* (URL, lease, group); --url overrides KVCORE_SERVER_URL. Engines keep "
-        "their own lower tiers (KVCORE_TIERS after the first). See docs/server.md.")
+        "KVCORE_SERVER_* (URL, lease, group); --url overrides KVCORE_SERVER_URL. The server owns "
+        "the lower tiers too (KVCORE_TIERS after the first), their write-behind and the "
+        "controller reporting. See docs/server.md.")
     parser.add_argument("--url", help="where to listen, for example "
                                       "unix:///run/kvcore/kvcore.sock (KVCORE_SERVER_URL)")
     parser.add_argument("--log-level", default="info",

@@ -50,6 +50,9 @@ class InstanceState:
     stats: dict[str, Any] = field(default_factory=dict)
     namespaces: dict[bytes, NamespaceEntry] = field(default_factory=dict)
     """The namespaces the instance reported, by digest."""
+    role: str = "engine"
+    cache_server: str = ""
+    """The cache server whose tiers this engine reads (its holdings count as the engine's)."""
 
     def namespaces_for(self, target: bytes | ServedModel, tenant: str) -> list[bytes]:
         """The digests ``target`` means on this instance (``tenant``'s, for a served model)."""
@@ -101,6 +104,15 @@ class GlobalIndex:
         self.instances[state.id] = state
         return state
 
+    def holder(self, state: InstanceState) -> InstanceState:
+        """Whose tiers count for ``state``: its cache server's when it has one registered."""
+        server = self.instances.get(state.cache_server) if state.cache_server else None
+        return server if server is not None and server.role == "cache-server" else state
+
+    def attached(self, server: InstanceState) -> list[str]:
+        """The ids of the engines registered behind ``server``."""
+        return [s.id for s in self.instances.values() if s.cache_server == server.id]
+
     def remove(self, instance_id: str) -> bool:
         return self.instances.pop(instance_id, None) is not None
 
@@ -146,18 +158,23 @@ class GlobalIndex:
 
         A namespace digest means the same on every instance; a served model name means the
         namespaces each instance declared for it (the one holding most, where several match).
+        An engine behind a cache server holds what the server holds; the server itself serves
+        no requests and is not listed.
         """
         keys_by: dict[tuple[bytes, int], list[ChunkKey]] = {}
         out = []
         for state in self.instances.values():
-            size = state.chunk_size
+            if state.role == "cache-server":
+                continue
+            holder = self.holder(state)
+            size = holder.chunk_size
             best: tuple[bytes, int, dict[str, int]] | None = None
             for digest in state.namespaces_for(target, tenant):
                 keys = keys_by.get((digest, size))
                 if keys is None:
                     keys = keys_by[digest, size] = chunk_keys(digest, tokens, size,
                                                               tenant=tenant)
-                chunks, by_tier = state.leading(keys)
+                chunks, by_tier = holder.leading(keys)
                 if best is None or chunks * size > best[1]:
                     best = (digest, chunks * size, {t: n * size for t, n in by_tier.items()})
             if best is not None:
@@ -173,8 +190,9 @@ class GlobalIndex:
         """
         best = None
         for state, digest, n, by_tier in self.lookup(target, tokens, tenant):
-            fast = by_tier.get(state.tiers[0], 0) if state.tiers else 0
-            load = sum(len(h) for h in state.held.values())
+            holder = self.holder(state)
+            fast = by_tier.get(holder.tiers[0], 0) if holder.tiers else 0
+            load = sum(len(h) for h in holder.held.values())
             rank = (-n, -fast, load, state.id)
             if best is None or rank < best[0]:
                 best = (rank, state, digest, n)

@@ -171,6 +171,11 @@ class RegisterRequest(Strict):
     pid: int = Field(0, ge=0)
     host: str = Field("", max_length=256)
     reset: bool = True
+    role: Literal["engine", "cache-server"] = Field(
+        "engine", description="An engine, or a host's kvcore server (docs/server.md).")
+    cache_server: Name | Literal[""] = Field(
+        "", description="The id of the cache server whose tiers this engine reads (empty: "
+        "none): the engine is counted as holding what the server holds.")
 
 
 class TierStats(BaseModel):
@@ -190,6 +195,15 @@ MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0
 Label = Annotated[str, StringConstraints(max_length=128)]
 
 
+class ClientStats(BaseModel):
+    """One engine process attached to a cache server."""
+
+    pid: int = Field(0, ge=0)
+    idle_s: float = Field(0.0, ge=0)
+    reserved: int = Field(0, ge=0)
+    holds: int = Field(0, ge=0)
+
+
 class EngineStats(BaseModel):
     """The shape of ``CacheEngine.stats()``: tier usage, counters, histograms."""
 
@@ -198,6 +212,9 @@ class EngineStats(BaseModel):
                                                            max_length=1024)
     histograms: dict[MetricName, dict[Label, HistogramStats]] = Field(default_factory=dict,
                                                                       max_length=256)
+    clients: list[ClientStats] = Field(
+        default_factory=list, max_length=4096,
+        description="A cache server's attached engines (their processes).")
 
 
 class HeartbeatRequest(Strict):
@@ -294,6 +311,13 @@ class InstanceInfo(BaseModel):
     chunks_indexed: dict[str, int]
     registered_at: float
     last_seen: float
+    role: str = Field("engine", description="engine, or cache-server (one per host).")
+    cache_server: str = Field("", description="An engine's cache server: its instance id.")
+    attached: list[str] = Field(
+        default_factory=list, description="A cache server's engines that registered here.")
+    clients: list[ClientStats] = Field(
+        default_factory=list, description="A cache server's attached engine processes, "
+        "registered here or not.")
 
 
 class InstancesResponse(BaseModel):

@@ -97,6 +97,8 @@ class Reporter(Attachment):
         self._resync.set()
         self._namespaces_sent: int | None = None
         """The namespace book's version the controller has (None: send them)."""
+        self._cache_server = ""
+        """The cache server this engine was registered behind (it may attach later)."""
         self._registered = threading.Event()
         self._stop = threading.Event()
         self.dropped_events = 0
@@ -208,11 +210,15 @@ class Reporter(Attachment):
         self._resync.clear()
         self._namespaces_sent = None
         self._drain()  # the snapshot below covers everything queued so far
+        self._cache_server = self._server_id()
         self._post("/v1/instances", {
             "id": self.instance_id, "name": self.name, "chunk_size": self.engine.chunk_size,
             "tiers": [t.name for t in self.engine.tiers], "pid": os.getpid(),
-            "host": socket.gethostname(), "reset": True})
+            "host": socket.gethostname(), "reset": True, "role": self.engine.role,
+            "cache_server": self._cache_server})
         for tier in self.engine.tiers:
+            if not tier.reported:
+                continue  # its owner (the cache server) reports it
             try:
                 keys = list(tier.iter_keys())
             except Exception as exc:
@@ -242,7 +248,14 @@ class Reporter(Attachment):
         if batch:
             self._post(f"/v1/instances/{self.instance_id}/events", {"events": batch})
 
+    def _server_id(self) -> str:
+        """The instance id of the cache server this engine's memory tier belongs to, if any."""
+        return str(getattr(self.engine.memory, "server_instance", ""))
+
     def _heartbeat(self) -> None:
+        if self._server_id() != self._cache_server:
+            self._resync.set()  # attached to (another) cache server: register anew
+            return
         body: dict[str, Any] = {"stats": json_safe_stats(self.engine.stats())}
         book = self.engine.namespaces
         version = book.version

@@ -324,7 +324,10 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             out.append(m.InstanceInfo(
                 id=s.id, name=s.name, host=s.host, pid=s.pid, chunk_size=s.chunk_size,
                 tiers=tiers, chunks_indexed={t: len(k) for t, k in s.held.items()},
-                registered_at=s.registered_at, last_seen=now_wall - (now - s.last_seen)))
+                registered_at=s.registered_at, last_seen=now_wall - (now - s.last_seen),
+                role=s.role, cache_server=s.cache_server,
+                attached=ctl.index.attached(s) if s.role == "cache-server" else [],
+                clients=s.stats.get("clients", [])))
         return m.InstancesResponse(instances=out)
 
     def target_of(req: m.RouteRequest) -> bytes | ServedModel:
@@ -542,7 +545,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         """An instance registers (again); ``reset`` empties its part of the index."""
         ctl.index.register(InstanceState(id=req.id, name=req.name or req.id,
                                          chunk_size=req.chunk_size, tiers=list(req.tiers),
-                                         pid=req.pid, host=req.host), req.reset)
+                                         pid=req.pid, host=req.host, role=req.role,
+                                         cache_server=req.cache_server), req.reset)
         ctl.channels.setdefault(req.id, Channel())
         ctl.metrics.inc("controller_registrations_total")
         return m.RegisterResponse(id=req.id, heartbeat_s=settings.heartbeat_s,

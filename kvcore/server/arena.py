@@ -8,6 +8,7 @@ created with mode 0600 (or 0660 with a group), so only the server's user (or gro
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 import stat
@@ -32,17 +33,22 @@ class SharedArena:
     """``size`` bytes of shared memory at ``path``, mapped read-write.
 
     ``create=True`` makes the file (it must not exist) and sizes it; otherwise an existing one
-    is mapped, and its size is taken from the file (bounded by ``max_size``).
+    is mapped, and its size is taken from the file (bounded by ``max_size``). ``lock=True``
+    holds an exclusive ``flock`` on the file until :meth:`close`: the mark of a live server
+    (one that died released it, so its file can be removed).
     """
 
     def __init__(self, path: str | Path, size: int = 0, create: bool = False,
                  group: int | None = None, max_size: int = 1 << 44,
-                 expect_group: int | None = None) -> None:
+                 expect_group: int | None = None, lock: bool = False) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
         if create:
             size = _round_up(size)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
+                if lock:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if group is not None:
                     os.fchown(fd, -1, group)
                     os.fchmod(fd, 0o660)
@@ -68,7 +74,12 @@ class SharedArena:
                                  "user, or of KVCORE_SERVER_GROUP)")
         try:
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if lock:
+            self._lock_fd = fd
+        else:
             os.close(fd)
         self.size = size
         self.array = np.frombuffer(self._map, dtype=np.uint8)
@@ -138,3 +149,6 @@ class SharedArena:
             pass  # views still exported: the mapping goes with the last of them
         if unlink:
             self.path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

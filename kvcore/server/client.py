@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -26,6 +26,8 @@ import zmq
 
 from kvcore.interfaces import MemoryTier, TierUsage
 from kvcore.keys import ChunkKey
+from kvcore.namespaces import NamespaceBook
+from kvcore.planner import TierCost
 from kvcore.processes import pid_namespace
 from kvcore.server import protocol as p
 from kvcore.server.arena import SharedArena
@@ -47,75 +49,53 @@ class _Link:
     """(server epoch, Hello count): views and reservations of another lease are void."""
 
 
-class ServerTier(MemoryTier):
-    """The server's shared memory tier, seen from one engine.
+class _Channel:
+    """One DEALER socket to the server and its sequence numbers. A ZMQ socket is used by one
+    thread at a time: callers hold :attr:`lock` around :meth:`send` and :meth:`ask`."""
 
-    One DEALER socket for the tier's life, with a fixed routing id: a timeout never starts a
-    new lease (the server keeps this client's holds), and every request carries a sequence
-    number, so a late reply is recognised and settled (a late grant of holds or reservations is
-    given back), never taken for the answer to another request.
-    """
-
-    name = "server"
-
-    def __init__(self, settings: ServerSettings, budget: int = 0) -> None:
-        """``budget``: what :attr:`budget` says until the server tells its own."""
-        self.settings = settings
-        self.address = p.zmq_address(settings.url)
-        self.budget = budget
-        self._context: zmq.Context = zmq.Context.instance()
-        self._lock = threading.Lock()
+    def __init__(self, context: zmq.Context, address: str, timeout_s: float,
+                 settle: Callable[[msgspec.Struct, object], None] | None = None) -> None:
+        """``settle(request, reply)`` is given each late reply to a request that timed out
+        (None: late replies are dropped)."""
+        self.lock = threading.Lock()
+        self.timeout_s = timeout_s
         self._seq = 0
         self._pending: dict[int, msgspec.Struct] = {}
         """Requests that timed out: their late replies are settled when they come."""
-        self._link: _Link | None = None
-        self._hellos = 0
-        self._ping_s = settings.lease_s / 3
-        self._warned = False
-        self._closed = threading.Event()
-        self._sock = self._new_socket()
-        self._reserved: dict[ChunkKey, tuple[str, int]] = {}
-        """Key -> lease of this client's reservations."""
-        self._holds: dict[int, tuple[memoryview, ChunkKey, tuple[str, int]]] = {}
-        self._pinger = threading.Thread(target=self._ping_loop, name="kvcore-server-ping",
-                                        daemon=True)
-        self._pinger.start()
-        self._try(p.Ping())  # connect now when the server is up (misses until it is)
-
-    # -- connection ----------------------------------------------------------------------------
-
-    def _new_socket(self) -> zmq.Socket:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not there
+        self._settle = settle
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server not there
         # A send waits this long for the connection (or for room in the queue), no longer.
-        sock.setsockopt(zmq.SNDTIMEO, int(min(0.2, self.settings.timeout_s) * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.connect(self.address)
-        return sock
+        self.sock.setsockopt(zmq.SNDTIMEO, int(min(0.2, timeout_s) * 1000))
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        self.sock.connect(address)
 
-    def _send_locked(self, request: msgspec.Struct) -> int:
+    def send(self, request: msgspec.Struct) -> int:
         self._seq += 1
         try:
-            self._sock.send_multipart([self._seq.to_bytes(8, "big"), p.encode(request)])
+            self.sock.send_multipart([self._seq.to_bytes(8, "big"), p.encode(request)])
         except zmq.ZMQError as exc:  # not connected (IMMEDIATE), or the queue is full
             raise ServerDown(f"cannot send: {exc}") from None
         return self._seq
 
-    def _ask_locked(self, request: msgspec.Struct) -> object:
-        seq = self._send_locked(request)
-        deadline = time.monotonic() + self.settings.timeout_s
+    def ask(self, request: msgspec.Struct, timeout_s: float | None = None) -> object:
+        """The reply to ``request``, or :class:`ServerDown` after ``timeout_s`` (the
+        channel's own by default)."""
+        seq = self.send(request)
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(max(1, int(left * 1000))):
-                self._pending[seq] = request
-                while len(self._pending) > 1024:  # the oldest are answered or never will be
-                    self._pending.pop(next(iter(self._pending)))
-                raise ServerDown(f"no answer within {self.settings.timeout_s}s "
-                                 "(KVCORE_SERVER_TIMEOUT_S)")
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                if self._settle is not None:
+                    self._pending[seq] = request
+                    while len(self._pending) > 1024:  # the oldest are answered or never will be
+                        self._pending.pop(next(iter(self._pending)))
+                raise ServerDown(f"no answer within {wait_s:g}s (KVCORE_SERVER_TIMEOUT_S)")
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 continue
             if len(frames) != 2:
@@ -127,11 +107,81 @@ class ServerTier(MemoryTier):
                 continue  # not from a kvcore server: ignored
             if answered == seq:
                 return reply
-            self._settle_late_locked(answered, reply)
+            late = self._pending.pop(answered, None)
+            if late is not None and self._settle is not None:
+                self._settle(late, reply)
 
-    def _settle_late_locked(self, seq: int, reply: object) -> None:
+    def tell(self, request: msgspec.Struct) -> None:
+        """A one-way request; lost (and void on the server anyway) when it is down."""
+        try:
+            self.send(request)
+        except ServerDown:
+            pass
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class ServerTier(MemoryTier):
+    """The server's shared cache, seen from one engine: its memory tier, and the tiers below
+    it (:attr:`below`), which the server reads and writes behind.
+
+    Two DEALER sockets for the tier's life, each with a fixed routing id. The first carries
+    what touches the lease (reservations, holds, pings): a timeout never starts a new lease
+    (the server keeps this client's holds), and every request carries a sequence number, so a
+    late reply is recognised and settled (a late grant of holds or reservations is given back),
+    never taken for the answer to another request. The second carries requests that reach the
+    server's lower tiers (locate, fill, delete, clear...; they hold nothing), so a slow lower
+    tier never delays a store or a load.
+    """
+
+    name = "server"
+    reported = False  # the server reports its own tiers to the controller
+    below: tuple[str, ...] = ()
+    server_instance = ""
+    """The server's instance id at the controller (empty until it says one)."""
+
+    def __init__(self, settings: ServerSettings, budget: int = 0,
+                 costs: Callable[[str], TierCost] | None = None,
+                 namespaces: NamespaceBook | None = None) -> None:
+        """``budget``: what :attr:`budget` says until the server tells its own; ``costs``:
+        the planner's model of a tier by name, told what the server measured; ``namespaces``:
+        the engine's namespaces, sent to the server when they change."""
+        self.settings = settings
+        self.address = p.zmq_address(settings.url)
+        self.budget = budget
+        self._costs = costs
+        self._book = namespaces
+        self._book_sent: int | None = None
+        self._context: zmq.Context = zmq.Context.instance()
+        self._main = _Channel(self._context, self.address, settings.timeout_s,
+                              self._settle_late_locked)
+        self._lock = self._main.lock
+        self._slow = _Channel(self._context, self.address, settings.timeout_s)
+        self._link: _Link | None = None
+        self._server_memory = "cpu"
+        self._hellos = 0
+        self._ping_s = settings.lease_s / 3
+        self._warned = False
+        self._closed = threading.Event()
+        self._reserved: dict[ChunkKey, tuple[str, int]] = {}
+        """Key -> lease of this client's reservations."""
+        self._holds: dict[int, tuple[memoryview, ChunkKey, tuple[str, int]]] = {}
+        self._pinger = threading.Thread(target=self._ping_loop, name="kvcore-server-ping",
+                                        daemon=True)
+        self._pinger.start()
+        self._try(p.Ping())  # connect now when the server is up (misses until it is)
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _ask_locked(self, request: msgspec.Struct, timeout_s: float | None = None) -> object:
+        return self._main.ask(request, timeout_s)
+
+    def _tell_locked(self, request: msgspec.Struct) -> None:
+        self._main.tell(request)
+
+    def _settle_late_locked(self, request: msgspec.Struct, reply: object) -> None:
         """A reply to a request that timed out: give back what it granted."""
-        request = self._pending.pop(seq, None)
         if isinstance(request, p.Acquire) and isinstance(reply, p.Extents):
             granted = [k for k, o in zip(request.keys, reply.offsets) if o >= 0]
             if granted:
@@ -168,25 +218,31 @@ class ServerTier(MemoryTier):
             arena = link.arena
         self._hellos += 1
         self._link = _Link(arena, (welcome.epoch, self._hellos))
+        self._server_memory = welcome.memory
+        self.below = tuple(welcome.below)
+        self.server_instance = welcome.instance
+        self._book_sent = None  # a new server knows none of our namespaces yet
         self.budget = welcome.budget
         self._ping_s = min(self.settings.lease_s, welcome.lease_s) / 3
         if self._warned:
             log.warning("kvcore: reconnected to the kvcore server at %s", self.settings.url)
         self._warned = False
 
-    def _call(self, request: msgspec.Struct) -> tuple[object, _Link]:
-        """The server's answer and the link it holds for, or :class:`ServerDown` (logged once
-        until the server answers again)."""
+    def _call(self, request: msgspec.Struct,
+              timeout_s: float | None = None) -> tuple[object, _Link]:
+        """The server's answer (within ``timeout_s``, by default ``KVCORE_SERVER_TIMEOUT_S``)
+        and the link it holds for, or :class:`ServerDown` (logged once until the server
+        answers again)."""
         with self._lock:
             if self._closed.is_set():
                 raise ServerDown("closed")
             try:
                 if self._link is None:
                     self._hello_locked()
-                reply = self._ask_locked(request)
+                reply = self._ask_locked(request, timeout_s)
                 if isinstance(reply, p.Failed) and reply.error.startswith("say Hello"):
                     self._hello_locked()  # a new server, or our lease ended: a new lease
-                    reply = self._ask_locked(request)
+                    reply = self._ask_locked(request, timeout_s)
             except ServerDown as exc:
                 if not self._warned:
                     self._warned = True
@@ -206,11 +262,23 @@ class ServerTier(MemoryTier):
         except ServerDown:
             return None, None
 
-    def _tell_locked(self, request: msgspec.Struct) -> None:
-        try:
-            self._send_locked(request)
-        except ServerDown:
-            pass  # the server is gone: what this gives back is void there anyway
+    def _ask_slow(self, request: msgspec.Struct, timeout_s: float | None = None) -> object:
+        """The answer to a request for the lower tiers (on the second socket), or None when
+        the server is not connected, does not answer in time, or refuses it."""
+        if self._link is None and not self.ping():
+            return None
+        with self._slow.lock:
+            if self._closed.is_set():
+                return None
+            try:
+                reply = self._slow.ask(request, timeout_s)
+            except ServerDown as exc:
+                log.debug("kvcore: %s: %s", type(request).__name__, exc)
+                return None
+        if isinstance(reply, p.Failed):
+            log.debug("kvcore: the server refused %s: %s", type(request).__name__, reply.error)
+            return None
+        return reply
 
     def _tell(self, request: msgspec.Struct, lease: tuple[str, int]) -> None:
         """A one-way request (:data:`protocol.ONE_WAY`), sent only under the lease it is
@@ -225,9 +293,37 @@ class ServerTier(MemoryTier):
         return self._try(p.Ping())[1] is not None
 
     def _ping_loop(self) -> None:
-        while not self._closed.wait(self._ping_s):
-            if self._link is not None:
+        last_ping = time.monotonic()
+        while not self._closed.wait(min(self._ping_s, 1.0)):
+            if self._link is None:
+                continue
+            if time.monotonic() - last_ping >= self._ping_s:
+                last_ping = time.monotonic()
                 self._try(p.Ping())
+            self._send_namespaces()
+
+    def _send_namespaces(self) -> None:
+        """The engine's namespaces, when they changed since the server last heard them."""
+        book = self._book
+        if book is None or book.version == self._book_sent:
+            return
+        version = book.version
+        notes = [p.NamespaceNote(e.namespace.model, e.namespace.dtype, e.namespace.layout,
+                                 e.namespace.geometry, e.namespace.rank,
+                                 e.namespace.world_size, e.namespace.tenant,
+                                 list(e.served_as), e.keyed_by, declared)
+                 for e, declared in book.entries_declared()]
+        try:
+            payload = p.Namespaces(notes[:512])
+            p.request_decoder.decode(p.encode(payload))  # what the server would refuse
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.debug("kvcore: namespaces not sent to the server: %s", exc)
+            self._book_sent = version
+            return
+        with self._slow.lock:
+            if not self._closed.is_set():
+                self._slow.tell(payload)
+        self._book_sent = version
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -327,16 +423,66 @@ class ServerTier(MemoryTier):
 
     # -- management ----------------------------------------------------------------------------
 
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
+        """Where the server holds each key (its memory tier is this one, :attr:`name`); those
+        only below memory start coming up into it. The planner learns the server's tier
+        costs from the answer."""
+        keys = list(keys)
+        reply = self._ask_slow(p.Locate(keys))
+        if not isinstance(reply, p.Sources) or len(reply.where) != len(keys):
+            return [None] * len(keys)
+        if self._costs is not None:
+            for tier, (per_chunk_s, in_flight) in reply.costs.items():
+                if tier in self.below and per_chunk_s >= 0 and in_flight >= 0:
+                    self._costs(tier).adopt(per_chunk_s, in_flight)
+        known = set(self.below)
+        names: list[str | None] = [None]
+        names += [self.name if n == self._server_memory else n if n in known else None
+                  for n in reply.tiers[:255]]
+        return [names[w] if w < len(names) else None for w in reply.where]
+
+    def fill(self, keys: Sequence[ChunkKey], parents: Sequence[ChunkKey | None],
+             timeout_s: float) -> int:
+        """Have the server bring ``keys`` up from its lower tiers (verified there), waiting at
+        most ``timeout_s`` for what is already coming up."""
+        keys = list(keys)
+        if not self.below or not keys:
+            return 0
+        wait_s = min(max(timeout_s, 0.0), 600.0)
+        reply = self._ask_slow(p.Fill(keys, list(parents), wait_s),
+                               wait_s + self.settings.timeout_s)
+        return reply.n if isinstance(reply, p.Count) else 0
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait for the server's write-behind (at most ``timeout_s``). Sent after this
+        engine's commits on the same socket, so it covers them."""
+        wait_s = min(max(timeout_s, 0.0), 600.0)
+        try:
+            reply, _ = self._call(p.Flush(wait_s), wait_s + self.settings.timeout_s)
+        except ServerDown:
+            return False
+        return isinstance(reply, p.Flags) and reply.values == [True]
+
+    def clear_below(self, namespace: bytes | None, tier: str | None) -> int:
+        """Clear in the server: its memory tier (``tier`` this one's name), one of its lower
+        tiers, or all (``None``)."""
+        server_tier = self._server_memory if tier == self.name else tier
+        reply = self._ask_slow(p.ClearTiers(namespace, server_tier),
+                               max(30.0, self.settings.timeout_s))
+        return reply.n if isinstance(reply, p.Count) else 0
+
     def delete(self, keys: Sequence[ChunkKey]) -> int:
-        reply, _ = self._try(p.Delete(list(keys)))
+        """Remove chunks from every tier of the server."""
+        reply = self._ask_slow(p.Delete(list(keys)))
         return reply.n if isinstance(reply, p.Count) else 0
 
     def pin(self, keys: Sequence[ChunkKey]) -> int:
-        reply, _ = self._try(p.Pin(list(keys)))
+        """Pin chunks in every tier of the server that pins."""
+        reply = self._ask_slow(p.Pin(list(keys)))
         return reply.n if isinstance(reply, p.Count) else 0
 
     def unpin(self, keys: Sequence[ChunkKey]) -> int:
-        reply, _ = self._try(p.Unpin(list(keys)))
+        reply = self._ask_slow(p.Unpin(list(keys)))
         return reply.n if isinstance(reply, p.Count) else 0
 
     def usage(self) -> TierUsage:
@@ -358,9 +504,11 @@ class ServerTier(MemoryTier):
             if self._link is not None:
                 self._tell_locked(p.Bye())
             self._closed.set()
-            self._sock.close(0)
+            self._main.close()
             if self._link is not None:
                 self._link.arena.close()
+        with self._slow.lock:
+            self._slow.close()
         self._pinger.join(timeout=1.0)
 
 

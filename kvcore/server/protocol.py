@@ -9,6 +9,8 @@ the client checks every offset against its mapping (:meth:`SharedArena.view`).
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 from kvcore.keys import KEY_BYTES
@@ -91,16 +93,77 @@ class Usage(msgspec.Struct, tag=True):
     pass
 
 
+class Locate(msgspec.Struct, tag=True):
+    """Which tier of the server holds each key (memory or one below it): answered with
+    :class:`Sources`. Chunks found only below memory start coming up at once."""
+
+    keys: list[bytes]
+
+
+class Fill(msgspec.Struct, tag=True):
+    """Bring ``keys`` up from the server's lower tiers into shared memory, waiting at most
+    ``wait_s``: answered with the :class:`Count` brought."""
+
+    keys: list[bytes]
+    parents: list[bytes | None]
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=600)]
+
+
+class Flush(msgspec.Struct, tag=True):
+    """Wait at most ``wait_s`` for the server's write-behind: a :class:`Flags` of one value."""
+
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=600)]
+
+
+class ClearTiers(msgspec.Struct, tag=True):
+    """Remove every chunk (of ``namespace``, from ``tier``; ``None``: all): a :class:`Count`."""
+
+    namespace: Annotated[bytes, msgspec.Meta(min_length=8, max_length=8)] | None = None
+    tier: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+Text = Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class NamespaceNote(msgspec.Struct):
+    """A namespace an engine serves or derived keys from (:class:`kvcore.keys.Namespace`'s
+    fields, and the names clients know it by)."""
+
+    model: Text
+    dtype: Annotated[str, msgspec.Meta(max_length=32)]
+    layout: Annotated[str, msgspec.Meta(max_length=64)]
+    geometry: Text
+    rank: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+    world_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+    tenant: Text
+    served_as: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                         msgspec.Meta(max_length=8)]
+    keyed_by: Literal["tokens", "engine"]
+    declared: bool
+
+
+class Namespaces(msgspec.Struct, tag=True):
+    """The namespaces an engine knows (one-way): the server's codecs learn each one's element
+    type, and its controller reporter lists them."""
+
+    entries: Annotated[list[NamespaceNote], msgspec.Meta(max_length=512)]
+
+
 class ListKeys(msgspec.Struct, tag=True):
     pass
 
 
-ONE_WAY = (Commit, Abort, Release, Touch)
+ONE_WAY = (Commit, Abort, Release, Touch, Namespaces)
 """Requests the server never answers (the client does not wait): the socket keeps their order,
 so a commit is done before any later request of the same client is served."""
 
+LEASELESS = (Locate, Fill, Flush, ClearTiers, Delete, Pin, Unpin, Usage, Namespaces)
+"""Requests that need no lease (they hold nothing): an engine sends them on a second socket,
+so a slow lower tier behind them never delays its stores and loads."""
+
 Request = (Hello | Ping | Bye | Reserve | ReserveMany | Commit | Abort | Acquire | Release
-           | Contains | Touch | Delete | Pin | Unpin | Usage | ListKeys)
+           | Contains | Touch | Delete | Pin | Unpin | Usage | ListKeys | Locate | Fill
+           | Flush | ClearTiers | Namespaces)
 
 
 class Welcome(msgspec.Struct, tag=True):
@@ -111,6 +174,12 @@ class Welcome(msgspec.Struct, tag=True):
     """Changes at every server start: holds and reservations of another epoch are void."""
     budget: int
     lease_s: float
+    below: list[str] = []
+    """The server's tiers below shared memory (``KVCORE_TIERS`` after the first)."""
+    memory: str = "cpu"
+    """The name of the server's memory tier in :class:`Sources` answers."""
+    instance: str = ""
+    """The server's instance id at the controller (empty: it reports to none)."""
 
 
 class Offset(msgspec.Struct, tag=True):
@@ -142,6 +211,16 @@ class KeyList(msgspec.Struct, tag=True):
     keys: list[bytes]
 
 
+class Sources(msgspec.Struct, tag=True):
+    tiers: list[str]
+    """The server's tiers, fastest first."""
+    where: bytes
+    """For each key, one byte: 0 where no tier holds it, else 1 + the index in ``tiers``."""
+    costs: dict[str, tuple[float, int]] = {}
+    """For each lower tier the server has read from: seconds per chunk read (moving
+    average) and chunks being read now; the engines' planners plan with it."""
+
+
 class Done(msgspec.Struct, tag=True):
     pass
 
@@ -150,7 +229,8 @@ class Failed(msgspec.Struct, tag=True):
     error: str
 
 
-Reply = Welcome | Offset | Extents | Flags | Count | UsageReply | KeyList | Done | Failed
+Reply = (Welcome | Offset | Extents | Flags | Count | UsageReply | KeyList | Sources | Done
+         | Failed)
 
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

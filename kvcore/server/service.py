@@ -1,28 +1,37 @@
-"""``kvcore server``: one memory tier per host in shared memory, served to every engine on it.
+"""``kvcore server``: one cache per host, its memory tier in shared memory, served to every
+engine on it.
 
-The server owns a :class:`~kvcore.tiers.cpu.CpuTier` whose buffers live in a
-:class:`~kvcore.server.arena.SharedArena` (so the byte budget, eviction policy, pins and holds
-are exactly the in-process tier's), and answers its engines on a ZMQ ROUTER socket
-(:mod:`kvcore.server.protocol`). Engines write chunks straight into arena buffers they
-reserved and read straight from buffers they acquired; the socket carries keys and offsets.
+The server runs a :class:`~kvcore.engine.CacheEngine` whose memory tier is a
+:class:`~kvcore.tiers.cpu.CpuTier` with its buffers in a :class:`~kvcore.server.arena.SharedArena`
+(so the byte budget, eviction policy, pins and holds are exactly the in-process tier's), and
+whose lower tiers, write-behind, controller reporter and KV events are the ones
+``KVCORE_TIERS`` and the other settings give: one set per host. It answers its engines on a ZMQ
+ROUTER socket (:mod:`kvcore.server.protocol`). Engines write chunks straight into arena
+buffers they reserved and read straight from buffers they acquired; the socket carries keys
+and offsets. A committed chunk is written behind by the server.
 
 Each client (one DEALER socket) has a lease: what it reserved and has not committed, and what
 it acquired and has not released. A client silent for ``lease_s`` (crashed, or stuck) loses
 both: its reservations are aborted (nothing half written becomes visible) and its holds
-released (nothing stays pinned). One thread serves every request in order, so the tier's state
-changes one request at a time.
+released (nothing stays pinned). One thread serves the memory tier's requests in order, so its
+state changes one request at a time; requests that reach the lower tiers (``LEASELESS``: locate,
+fill, delete, clear...) run in a small pool and are answered when done, so a slow tier never
+delays a store or a load.
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +41,8 @@ import numpy as np
 import zmq
 
 from kvcore.config import Settings
-from kvcore.keys import KEY_BYTES, ChunkKey
-from kvcore.metrics import Metrics
+from kvcore.engine import CacheEngine
+from kvcore.keys import KEY_BYTES, ChunkKey, Namespace
 from kvcore.plugins import get_registry
 from kvcore.processes import pid_alive, pid_namespace
 from kvcore.server import protocol as p
@@ -45,6 +54,8 @@ log = logging.getLogger("kvcore.server")
 
 ARENA_SLACK = 1 / 16
 """Arena bytes beyond the budget: each buffer is rounded up to a page."""
+MAX_DEFERRED = 256
+"""Lower-tier requests queued or running at once; past it a request is refused (a miss)."""
 
 
 @dataclass
@@ -59,8 +70,15 @@ class Lease:
     holds: dict[ChunkKey, list[memoryview]] = field(default_factory=dict)
 
 
+@dataclass
+class _Deferred:
+    """A request answered from the pool (it reaches the lower tiers)."""
+
+    run: Callable[[], msgspec.Struct]
+
+
 class CacheServer:
-    """The shared memory tier and its request loop. :meth:`serve` runs until :meth:`stop`."""
+    """The shared cache and its request loop. :meth:`serve` runs until :meth:`stop`."""
 
     def __init__(self, settings: Settings, server: ServerSettings) -> None:
         if not server.url:
@@ -72,15 +90,37 @@ class CacheServer:
         self.epoch = uuid.uuid4().hex[:16]
         self.group = grp.getgrnam(server.group).gr_gid if server.group else None
         budget = int(settings.cpu_size)
-        arena_path = Path(server.shm_dir) / f"kvcore-{os.getuid()}-{self.epoch}"
-        self.arena = SharedArena(arena_path, int(budget * (1 + ARENA_SLACK)) + (16 << 20),
-                                 create=True, group=self.group)
-        policy = get_registry(settings.plugins).policy_factory(settings.eviction)()
-        self.tier = CpuTier(budget, policy, allocate=self.arena.allocate, free=self.arena.free)
-        self.metrics = Metrics()
+        prefix = f"kvcore-{os.getuid()}-"
+        for stale in remove_stale_arenas(Path(server.shm_dir), prefix):
+            log.info("kvcore server: removed %s, left by a server that is gone", stale)
+        self.arena = SharedArena(Path(server.shm_dir) / f"{prefix}{self.epoch}",
+                                 int(budget * (1 + ARENA_SLACK)) + (16 << 20),
+                                 create=True, group=self.group, lock=True)
+        try:
+            policy = get_registry(settings.plugins).policy_factory(settings.eviction)()
+            self.tier = CpuTier(budget, policy, allocate=self.arena.allocate,
+                                free=self.arena.free)
+            self.tier.name = settings.tiers[0]
+            self.engine = CacheEngine(settings, memory=self.tier, role="cache-server")
+            """The host's cache: lower tiers, write-behind, reporter and KV events included."""
+        except BaseException:
+            self.arena.close(unlink=True)
+            raise
+        self.metrics = self.engine.metrics
         self.leases: dict[bytes, Lease] = {}
+        self._no_lease = Lease()
+        """What requests that hold nothing (``LEASELESS``) are handled under."""
         self._pid_namespace = pid_namespace()
         self._stop = threading.Event()
+        self._committed: list[ChunkKey] = []
+        """Chunks committed since the last batch was handed to write-behind."""
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcore-server")
+        self._answers: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._deferred = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.engine.stats_sections["clients"] = self.clients
         self._handlers: dict[type, Any] = {
             p.Hello: self._hello, p.Ping: lambda lease, r: p.Done(), p.Bye: self._bye,
             p.Reserve: self._reserve, p.ReserveMany: self._reserve_many,
@@ -88,18 +128,25 @@ class CacheServer:
             p.Acquire: self._acquire, p.Release: self._release,
             p.Contains: lambda lease, r: p.Flags(self.tier.contains(self._keys(r.keys))),
             p.Touch: self._touch,
-            p.Delete: lambda lease, r: p.Count(self.tier.delete(self._keys(r.keys))),
-            p.Pin: lambda lease, r: p.Count(self.tier.pin(self._keys(r.keys))),
-            p.Unpin: lambda lease, r: p.Count(self.tier.unpin(self._keys(r.keys))),
+            p.Delete: lambda lease, r: self._below(
+                lambda: p.Count(self.engine.delete(self._keys(r.keys)))),
+            p.Pin: lambda lease, r: self._below(
+                lambda: p.Count(self.engine.pin(self._keys(r.keys)))),
+            p.Unpin: lambda lease, r: self._below(
+                lambda: p.Count(self.engine.unpin(self._keys(r.keys)))),
             p.Usage: self._usage, p.ListKeys: lambda lease, r: p.KeyList(
                 list(self.tier.iter_keys())[: p.MAX_KEYS]),
+            p.Locate: self._locate, p.Fill: self._fill, p.ClearTiers: self._clear,
+            p.Flush: lambda lease, r: self._below(
+                lambda: p.Flags([self.engine.pipeline.flush(r.wait_s)])),
+            p.Namespaces: self._namespaces,
         }
 
     # -- the loop ------------------------------------------------------------------------------
 
     def serve(self, ready: Callable[[], None] | None = None) -> None:
-        """Bind, call ``ready``, then answer requests until :meth:`stop`; the arena and socket
-        are removed at the end."""
+        """Bind, call ``ready``, then answer requests until :meth:`stop`; the engine, the
+        arena and the socket are closed and removed at the end."""
         context = zmq.Context()
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
@@ -123,16 +170,19 @@ class CacheServer:
                 os.umask(old_umask)
             if self.group is not None:
                 os.chown(socket_path, -1, self.group)
-            log.info("kvcore server: listening on %s, %d-byte memory tier in %s",
-                     self.address, self.tier.budget, self.arena.path)
+            log.info("kvcore server: listening on %s, %d-byte memory tier in %s, tiers %s",
+                     self.address, self.tier.budget, self.arena.path,
+                     ",".join(t.name for t in self.engine.tiers))
             if ready is not None:
                 ready()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
             next_reap = 0.0
             while not self._stop.is_set():
                 if poller.poll(100):
                     self._serve_queued(sock)
+                    self._send_answers(sock)
                 if time.monotonic() >= next_reap:
                     self._serve_queued(sock)  # pings that queued up meanwhile count first
                     self.reap()
@@ -141,60 +191,123 @@ class CacheServer:
             sock.close()
             context.term()
             socket_path.unlink(missing_ok=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.engine.close()
             self.arena.close(unlink=True)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _serve_queued(self, sock: zmq.Socket) -> None:
-        """Answer every request waiting on the socket."""
+        """Answer every request waiting on the socket (those for the lower tiers go to the
+        pool); then hand the chunks committed meanwhile to write-behind."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if len(frames) != 3 or len(frames[1]) != 8:
                 self.metrics.inc("server_bad_requests_total")
                 continue
             reply = self.handle(frames[0], frames[2])
-            if reply is not None:
-                try:
-                    sock.send_multipart([frames[0], frames[1], reply], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the client is gone (or not reading): it times out
+            if isinstance(reply, _Deferred):
+                self._defer(reply, frames[0], frames[1])
+            elif reply is not None:
+                _send(sock, [frames[0], frames[1], reply])
+        self._write_behind()
+
+    def _write_behind(self) -> None:
+        """Hand the chunks committed since the last call to write-behind."""
+        if self._committed:
+            committed, self._committed = self._committed, []
+            self.engine.pipeline.stored(committed)
+
+    def _defer(self, request: _Deferred, client: bytes, seq: bytes) -> None:
+        self._write_behind()  # a flush (or a locate) after commits sees them queued
+
+        def run() -> None:
+            self._answers.put([client, seq, self._encode_reply(request.run)])
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # the loop has wake-ups pending already
+
+        self._deferred += 1
+        self._pool.submit(run)
+
+    def _send_answers(self, sock: zmq.Socket) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                frames = self._answers.get_nowait()
+            except queue.Empty:
+                return
+            self._deferred -= 1
+            _send(sock, frames)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def handle(self, client: bytes, payload: bytes) -> bytes | None:
-        """One request's encoded reply (None for a one-way request); garbage gets a
-        ``Failed`` reply, never an exception."""
+    def handle(self, client: bytes, payload: bytes) -> bytes | None | _Deferred:
+        """One request's encoded reply: None for a one-way request, a :class:`_Deferred` for
+        one the pool answers; garbage gets a ``Failed`` reply, never an exception."""
         try:
             request = p.request_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.metrics.inc("server_bad_requests_total")
             return p.encode(p.Failed(f"malformed request: {exc}"))
         one_way = isinstance(request, p.ONE_WAY)
-        lease = self.leases.get(client)
-        if lease is None:
-            if one_way:
-                return None  # its lease ended: what it commits or releases is void already
-            if not isinstance(request, p.Hello):
-                return p.encode(p.Failed("say Hello first (no lease: expired or unknown)"))
-            lease = self.leases[client] = Lease()
-        lease.last_seen = time.monotonic()
+        self.metrics.inc("server_requests_total", label=type(request).__name__.lower())
+        if isinstance(request, p.LEASELESS):
+            lease = self._no_lease  # these hold nothing
+        else:
+            lease = self.leases.get(client)  # type: ignore[assignment]
+            if lease is None:
+                if one_way:
+                    return None  # its lease ended: what it commits or releases is void already
+                if not isinstance(request, p.Hello):
+                    return p.encode(p.Failed("say Hello first (no lease: expired or unknown)"))
+                lease = self.leases[client] = Lease()
+            lease.last_seen = time.monotonic()
+        handler = self._handlers[type(request)]
+        if one_way:
+            self._run(handler, lease, request)  # a refusal is logged, not answered
+            return None
+        reply = self._encode_reply(handler, lease, request)
+        if isinstance(reply, _Deferred) and self._deferred >= MAX_DEFERRED:
+            self.metrics.inc("server_busy_total")
+            return p.encode(p.Failed("busy: too many lower-tier requests queued"))
+        return reply
+
+    def _run(self, run: Callable[..., Any], *args: Any) -> Any:
+        """``run(*args)``'s reply; a failure is a ``Failed`` reply (logged at DEBUG)."""
         try:
-            reply = self._handlers[type(request)](lease, request)
+            reply = run(*args)
         except ValueError as exc:
             self.metrics.inc("server_bad_requests_total")
             reply = p.Failed(str(exc))
         except Exception as exc:  # noqa: BLE001 - one request's failure never stops the server
-            log.warning("kvcore server: %s failed: %s: %s", type(request).__name__,
-                        type(exc).__name__, exc)
+            log.warning("kvcore server: a request failed: %s: %s", type(exc).__name__, exc)
             reply = p.Failed(f"{type(exc).__name__}: {exc}")
-        self.metrics.inc("server_requests_total", label=type(request).__name__.lower())
-        if one_way:
-            if isinstance(reply, p.Failed):
-                log.debug("kvcore server: %s refused: %s", type(request).__name__, reply.error)
-            return None
-        return p.encode(reply)
+        if isinstance(reply, p.Failed):
+            log.debug("kvcore server: request refused: %s", reply.error)
+        return reply
+
+    def _encode_reply(self, run: Callable[..., Any], *args: Any) -> Any:
+        """``run(*args)``'s reply encoded (a :class:`_Deferred` as it is)."""
+        reply = self._run(run, *args)
+        return reply if isinstance(reply, _Deferred) else p.encode(reply)
+
+    def clients(self) -> list[dict[str, Any]]:
+        """The engines attached now (the controller lists them with the server)."""
+        now = time.monotonic()
+        return [{"pid": lease.pid, "idle_s": round(now - lease.last_seen, 3),
+                 "reserved": len(lease.reserved),
+                 "holds": sum(len(v) for v in lease.holds.values())}
+                for lease in list(self.leases.values())]
 
     def reap(self) -> None:
         """End the leases of clients silent for ``lease_s`` whose process is gone (a client
@@ -235,8 +348,11 @@ class CacheServer:
 
     def _hello(self, lease: Lease, request: p.Hello) -> p.Welcome:
         lease.pid, lease.pid_namespace = request.pid, request.pid_namespace
+        reporter = self.engine.attachments.get("controller")
         return p.Welcome(arena=str(self.arena.path), arena_bytes=self.arena.size,
-                         epoch=self.epoch, budget=self.tier.budget, lease_s=self.server.lease_s)
+                         epoch=self.epoch, budget=self.tier.budget, lease_s=self.server.lease_s,
+                         below=[t.name for t in self.engine.lower], memory=self.tier.name,
+                         instance=str(getattr(reporter, "instance_id", "")))
 
     def _bye(self, lease: Lease, request: p.Bye) -> p.Done:
         for client, held in list(self.leases.items()):
@@ -281,6 +397,7 @@ class CacheServer:
             return p.Failed("commit of a chunk this client did not reserve")
         lease.reserved.discard(request.key)
         self.tier.commit(request.key)
+        self._committed.append(request.key)
         return p.Done()
 
     def _abort(self, lease: Lease, request: p.Abort) -> p.Done:
@@ -318,6 +435,106 @@ class CacheServer:
     def _usage(self, lease: Lease, request: p.Usage) -> p.UsageReply:
         usage = self.tier.usage()
         return p.UsageReply(usage.used_bytes, usage.budget_bytes, usage.chunks)
+
+    # -- requests that reach the lower tiers ---------------------------------------------------
+
+    def _below(self, run: Callable[[], msgspec.Struct]) -> msgspec.Struct | _Deferred:
+        """``run`` now when the server has no lower tiers (memory only: fast), else in the
+        pool."""
+        return _Deferred(run) if self.engine.lower else run()
+
+    def _locate(self, lease: Lease, request: p.Locate) -> msgspec.Struct | _Deferred:
+        keys = self._keys(request.keys)
+        return self._below(lambda: self._sources(keys))
+
+    def _sources(self, keys: list[ChunkKey]) -> p.Sources:
+        """Where each key is; chunks asked for again are written behind (when admission waits
+        for that), and those found only below memory start coming up."""
+        engine = self.engine
+        source = engine.stack.locate(keys)
+        found = next((i for i, s in enumerate(source) if s is None), len(keys))
+        costs: dict[str, tuple[float, int]] = {}
+        if engine.lower:
+            in_memory = [k for k, s in zip(keys[:found], source[:found]) if s == self.tier.name]
+            again = set(engine.pipeline.admission.asked(keys, found))
+            engine.pipeline.copy_down([k for k in in_memory if k in again])
+            below = [i for i in range(found) if source[i] != self.tier.name]
+            if below:
+                engine.pipeline.prefetch([keys[i] for i in below],
+                                         {keys[i]: (keys[i - 1] if i else None) for i in below})
+            for tier in engine.lower:
+                cost = engine.planner.tier(tier.name)
+                if cost.per_chunk_s is not None:
+                    costs[tier.name] = (cost.per_chunk_s, cost.in_flight)
+        tiers = [t.name for t in engine.tiers]
+        index = {name: i + 1 for i, name in enumerate(tiers)}
+        return p.Sources(tiers, bytes(index.get(s, 0) if s else 0 for s in source), costs)
+
+    def _fill(self, lease: Lease, request: p.Fill) -> msgspec.Struct | _Deferred:
+        keys = self._keys(request.keys)
+        if len(request.parents) != len(keys):
+            raise ValueError("one parent (or null) per key")
+        if not self.engine.lower:
+            return p.Count(0)
+        parents = dict(zip(keys, request.parents))
+
+        def fill() -> p.Count:
+            self.engine.pipeline.wait_inflight(keys, request.wait_s)
+            return p.Count(self.engine.stack.promote(keys, parents))
+
+        return _Deferred(fill)
+
+    def _clear(self, lease: Lease, request: p.ClearTiers) -> msgspec.Struct | _Deferred:
+        names = [t.name for t in self.engine.tiers]
+        if request.tier is not None and request.tier not in names:
+            raise ValueError(f"no tier {request.tier!r} here (tiers: {', '.join(names)})")
+        return self._below(lambda: p.Count(self.engine.clear(request.namespace, request.tier)))
+
+    def _namespaces(self, lease: Lease, request: p.Namespaces) -> p.Done:
+        """An engine's namespaces, declared here too (codecs, the controller's listing)."""
+        for note in request.entries:
+            namespace = Namespace(note.model, note.dtype, note.layout, note.geometry, note.rank,
+                                  note.world_size, note.tenant)
+            if note.declared:
+                self.engine.declare_namespace(namespace, note.served_as, note.keyed_by)
+            else:
+                self.engine.note_namespace(namespace)
+        return p.Done()
+
+
+def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass  # the client is gone (or not reading): it times out
+
+
+def remove_stale_arenas(directory: Path, prefix: str, min_age_s: float = 60.0) -> list[Path]:
+    """Remove arena files under ``directory`` named ``prefix*`` that no server holds (each
+    server keeps a lock on its own; one that died has released it), leaving any younger than
+    ``min_age_s`` (a server that is starting now). The paths removed."""
+    removed = []
+    for path in directory.glob(prefix + "*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if (not os.path.samestat(info, os.lstat(path)) or info.st_uid != os.geteuid()
+                    or time.time() - info.st_mtime < min_age_s):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live server's
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _answers(address: str) -> bool:

@@ -14,13 +14,16 @@ class ServerProcess:
     ``shm_dir`` says otherwise)."""
 
     def __init__(self, directory: Path, budget: int, lease_s: float = 0.6,
-                 eviction: str = "lru", shm_dir: Path | None = None) -> None:
+                 eviction: str = "lru", shm_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: more settings of the server (its lower tiers, a controller)."""
         self.url = f"unix://{directory}/sock/kvcore.sock"
         self.directory = directory
         self.env = {**os.environ, "KVCORE_SERVER_URL": self.url,
                     "KVCORE_SERVER_LEASE_S": str(lease_s),
                     "KVCORE_SERVER_SHM_DIR": str(shm_dir or directory),
-                    "KVCORE_CPU_SIZE": str(budget), "KVCORE_EVICTION": eviction}
+                    "KVCORE_CPU_SIZE": str(budget), "KVCORE_EVICTION": eviction,
+                    **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
 
     def client_env(self, **extra: str) -> dict[str, str]:
