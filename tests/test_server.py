@@ -28,6 +28,7 @@ from kvcore.keys import Namespace  # noqa: E402
 from kvcore.server import protocol as p  # noqa: E402
 from kvcore.server.arena import ArenaFull, SharedArena  # noqa: E402
 from kvcore.testing.server import ServerProcess as Server  # noqa: E402
+from kvcore.testing.server import serving  # noqa: E402
 
 NS = Namespace("server-test")
 CHUNK = 4
@@ -47,14 +48,8 @@ def chunk_values(tokens: list[int]) -> list[bytes]:
 
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    srv = Server(tmp_path, budget=32 * CHUNK_BYTES, lease_s=LEASE_S).start()
-    for name, value in srv.client_env().items():
-        monkeypatch.setenv(name, value)
-    try:
-        yield srv
-    finally:
-        if srv.running:
-            srv.kill()
+    srv = Server(tmp_path, budget=32 * CHUNK_BYTES, lease_s=LEASE_S)
+    yield from serving(srv, monkeypatch.setenv)
 
 
 def engine() -> CacheEngine:

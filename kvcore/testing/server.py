@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -58,3 +59,17 @@ class ServerProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(10)
+
+
+def serving(server: ServerProcess, setenv: Callable[[str, str], None]
+            ) -> Iterator[ServerProcess]:
+    """A pytest fixture's body: start ``server``, point this process's engines at it (through
+    ``setenv``, such as ``monkeypatch.setenv``), and kill it at teardown if it still runs."""
+    server.start()
+    for name, value in server.client_env().items():
+        setenv(name, value)
+    try:
+        yield server
+    finally:
+        if server.running:
+            server.kill()

@@ -16,7 +16,7 @@ pytest.importorskip("msgspec")
 from kvcore.config import load_settings  # noqa: E402
 from kvcore.engine import CacheEngine  # noqa: E402
 from kvcore.keys import Namespace  # noqa: E402
-from kvcore.testing.server import ServerProcess  # noqa: E402
+from kvcore.testing.server import ServerProcess, serving  # noqa: E402
 
 NS = Namespace("lmdb-behind-server")
 CHUNK = 4
@@ -34,16 +34,10 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerPr
     """A server whose memory holds 4 chunks, with LMDB below it."""
     srv = ServerProcess(tmp_path, budget=MEMORY_CHUNKS * CHUNK_BYTES, env={
         "KVCORE_TIERS": "cpu,lmdb", "KVCORE_LMDB_PATH": str(tmp_path / "lmdb"),
-        "KVCORE_LMDB_SIZE": str(64 << 20), "KVCORE_CHUNK_SIZE": str(CHUNK)}).start()
-    for name, value in srv.client_env().items():
-        monkeypatch.setenv(name, value)
+        "KVCORE_LMDB_SIZE": str(64 << 20), "KVCORE_CHUNK_SIZE": str(CHUNK)})
     monkeypatch.setenv("KVCORE_TIERS", "cpu,lmdb")  # the engines' own environment says so too
     monkeypatch.setenv("KVCORE_LMDB_PATH", str(tmp_path / "engine-lmdb"))
-    try:
-        yield srv
-    finally:
-        if srv.running:
-            srv.kill()
+    yield from serving(srv, monkeypatch.setenv)
 
 
 def attached() -> CacheEngine:

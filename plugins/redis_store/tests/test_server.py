@@ -18,7 +18,7 @@ pytest.importorskip("msgspec")
 from kvcore.config import load_settings  # noqa: E402
 from kvcore.engine import CacheEngine  # noqa: E402
 from kvcore.keys import Namespace  # noqa: E402
-from kvcore.testing.server import ServerProcess  # noqa: E402
+from kvcore.testing.server import ServerProcess, serving  # noqa: E402
 from kvcore_redis.server import RedisServer  # noqa: E402
 
 NS = Namespace("redis-behind-server")
@@ -43,14 +43,8 @@ def server(tmp_path: Path, redis: RedisServer,
     srv = ServerProcess(tmp_path, budget=4 * CHUNK_BYTES, env={
         "KVCORE_TIERS": "cpu,redis", "KVCORE_REDIS_URL": redis.url,
         "KVCORE_REDIS_SOCKET_TIMEOUT_S": "0.5", "KVCORE_REDIS_CONNECT_TIMEOUT_S": "0.5",
-        "KVCORE_TIER_TIMEOUT_S": "0.5", "KVCORE_CHUNK_SIZE": str(CHUNK)}).start()
-    for name, value in srv.client_env().items():
-        monkeypatch.setenv(name, value)
-    try:
-        yield srv
-    finally:
-        if srv.running:
-            srv.kill()
+        "KVCORE_TIER_TIMEOUT_S": "0.5", "KVCORE_CHUNK_SIZE": str(CHUNK)})
+    yield from serving(srv, monkeypatch.setenv)
 
 
 def attached() -> CacheEngine:

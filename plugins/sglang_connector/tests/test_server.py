@@ -18,7 +18,7 @@ from sglang_support import (
     storage_config,
 )
 
-from kvcore.testing.server import ServerProcess
+from kvcore.testing.server import ServerProcess, serving
 from kvcore_sglang.backend import KVCoreHiCacheStorage
 
 pytest.importorskip("zmq")
@@ -27,14 +27,8 @@ pytest.importorskip("msgspec")
 
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path, budget=16 << 20).start()
-    for name, value in srv.client_env().items():
-        monkeypatch.setenv(name, value)
-    try:
-        yield srv
-    finally:
-        if srv.running:
-            srv.kill()
+    srv = ServerProcess(tmp_path, budget=16 << 20)
+    yield from serving(srv, monkeypatch.setenv)
 
 
 def backend(pool) -> KVCoreHiCacheStorage:  # type: ignore[no-untyped-def]
