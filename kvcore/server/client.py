@@ -167,6 +167,8 @@ class ServerTier(MemoryTier):
         self._reserved: dict[ChunkKey, tuple[str, int]] = {}
         """Key -> lease of this client's reservations."""
         self._holds: dict[int, tuple[memoryview, ChunkKey, tuple[str, int]]] = {}
+        self._commits_unanswered = False
+        """Whether commits were told (one way) since the main socket last had an answer."""
         self._pinger = threading.Thread(target=self._ping_loop, name="kvcore-server-ping",
                                         daemon=True)
         self._pinger.start()
@@ -254,6 +256,7 @@ class ServerTier(MemoryTier):
                 raise ServerDown("not connected")
             if isinstance(reply, p.Failed):
                 raise ServerDown(f"the server refused {type(request).__name__}: {reply.error}")
+            self._commits_unanswered = False  # the server handled them before this request
             return reply, link
 
     def _try(self, request: msgspec.Struct) -> tuple[object, _Link] | tuple[None, None]:
@@ -264,8 +267,10 @@ class ServerTier(MemoryTier):
 
     def _ask_slow(self, request: msgspec.Struct, timeout_s: float | None = None) -> object:
         """The answer to a request for the lower tiers (on the second socket), or None when
-        the server is not connected, does not answer in time, or refuses it."""
-        if self._link is None and not self.ping():
+        the server is not connected, does not answer in time, or refuses it. Commits told
+        on the main socket since its last answer are made certain first (one round trip
+        there), so that a lookup or a delete never overtakes this engine's own stores."""
+        if (self._link is None or self._commits_unanswered) and not self.ping():
             return None
         with self._slow.lock:
             if self._closed.is_set():
@@ -361,6 +366,7 @@ class ServerTier(MemoryTier):
         lease = self._reserved.pop(key, None)
         if lease is not None:
             self._tell(p.Commit(key), lease)  # a server that restarted since lost the chunk
+            self._commits_unanswered = True
 
     def abort(self, key: ChunkKey) -> None:
         lease = self._reserved.pop(key, None)

@@ -125,3 +125,18 @@ def test_delete_and_clear_reach_the_servers_lower_tier(server: ServerProcess) ->
         assert a.clear(NS) >= 1
         assert a.lookup(keys).chunks == 0
         assert a.lookup(a.keys_for(NS, list(range(800, 800 + 4 * CHUNK)))).chunks == 0
+
+
+def test_a_lookup_right_after_a_store_sees_all_of_it(server: ServerProcess) -> None:
+    """Commits are one way on the main socket and a lookup goes to the server's lower tiers
+    on the other: it must not overtake them (it did, now and then, before the client made
+    its commits certain first). Each round fills the memory, so that the server evicts
+    meanwhile, then flushes (chunks still being written behind could not be evicted for the
+    next round); many rounds, since the race is one of timing."""
+    with attached() as a:
+        for round_ in range(40):
+            tokens = list(range(1000 * round_, 1000 * round_ + MEMORY_CHUNKS * CHUNK))
+            keys = a.keys_for(NS, tokens)
+            a.store_buffers(keys, values(MEMORY_CHUNKS, seed=round_)).wait(10)
+            assert a.lookup(keys).by_tier == {"server": MEMORY_CHUNKS}, f"round {round_}"
+            assert a.flush()
