@@ -136,6 +136,9 @@ class MemoryTier(Tier):
     """
 
     framed = False
+    shared = False
+    """Engines in other processes see what this tier holds (the cache server's tier): a vLLM
+    scheduler whose worker runs in another process looks chunks up in it directly."""
     budget: int
     """The byte budget."""
 

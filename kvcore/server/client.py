@@ -136,6 +136,7 @@ class ServerTier(MemoryTier):
     """
 
     name = "server"
+    shared = True
     reported = False  # the server reports its own tiers to the controller
     below: tuple[str, ...] = ()
     server_instance = ""

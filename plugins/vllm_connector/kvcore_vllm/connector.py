@@ -126,7 +126,10 @@ class KVCoreConnector(KVConnectorBase_V1):
             # shared lower tiers only; no prefetch into this process's memory); a rank that
             # lacks its shard reports load errors and vLLM recomputes (docs/vllm.md).
             shared = not scheduler_only
-            if not shared:
+            if not shared and self.engine.memory.shared:
+                log.info("kvcore: vLLM's workers run in other processes than its scheduler: "
+                         "lookups ask the kvcore server the workers store into")
+            elif not shared:
                 log.info("kvcore: vLLM's workers run in other processes than its scheduler: "
                          "lookups use a mirror of the worker's CPU-tier keys (sent back each "
                          "step) and the shared lower tiers")

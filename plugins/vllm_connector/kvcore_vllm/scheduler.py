@@ -78,6 +78,9 @@ class SchedulerSide:
                  rng: random.Random | None = None) -> None:
         self.engine = engine
         self.worker_in_process = worker_in_process
+        self.sees_worker_tier = worker_in_process or engine.memory.shared
+        """This process's engine sees the worker's memory tier: the worker shares the process,
+        or both use the cache server's shared tier (docs/server.md)."""
         self.namespace = namespace
         self.block_size = block_size
         self.blocks_per_chunk = blocks_per_chunk
@@ -172,16 +175,17 @@ class SchedulerSide:
 
     def _record_short(self, tracked: _Tracked) -> None:
         """Record a request with nothing to look up (shorter than a chunk), for /v1/requests."""
-        if self.worker_in_process:
+        if self.sees_worker_tier:
             self.engine.lookup([], request_id=tracked.request.request_id,
                                tokens=tracked.request.prompt_token_ids or [])
 
     def _lookup(self, keys: list[ChunkKey], tracked: _Tracked) -> tuple[int, int]:
         """Leading chunks available, and how many of those are in the worker's memory tier:
-        in this process's engine, or (worker elsewhere) in the mirror of the worker's CPU tier
-        followed by this engine's shared lower tiers. In process, the lookup is recorded with
-        the reason for the first chunk missing (docs/misses.md)."""
-        if self.worker_in_process:  # the worker shares this process and its engine
+        in this process's engine (the worker shares it, or both attach to the cache server),
+        or (worker elsewhere, its CPU tier private) in the mirror of the worker's CPU tier
+        followed by this engine's shared lower tiers. Through the engine, the lookup is
+        recorded with the reason for the first chunk missing (docs/misses.md)."""
+        if self.sees_worker_tier:
             found = self.engine.lookup(keys, request_id=tracked.request.request_id,
                                        tokens=tracked.request.prompt_token_ids)
             cpu = self.engine.memory.name

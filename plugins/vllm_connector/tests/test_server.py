@@ -78,3 +78,33 @@ def test_engines_share_the_servers_memory_and_outlive_crashes(tiny_llama: Path,
         assert g.steps[0].outputs == baseline.steps[1].outputs  # whatever it loaded is right
     finally:
         server.kill()
+
+
+def _wait_for_chunks(url: str, at_least: int, timeout_s: float = 120.0) -> int:
+    """Chunks the server holds once at least ``at_least`` (or the timeout) are there."""
+    deadline = time.monotonic() + timeout_s
+    held = _chunks_held(url)
+    while held < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+        held = _chunks_held(url)
+    return held
+
+
+def test_split_process_workers_share_the_server(tiny_llama: Path, tmp_path: Path) -> None:
+    """vLLM's OpenAI server on a CPU runs its worker in another process than the scheduler (the
+    multiprocessing executor): the scheduler looks up in the server, not in a mirror of its own
+    worker's stores, so engine B loads what engine A's worker stored."""
+    server = ServerProcess(tmp_path, budget=1 << 30, lease_s=1.0).start()
+    env = server.client_env(KVCORE_CHUNK_SIZE=str(CHUNK))
+    split = {"distributed_executor_backend": "mp"}
+    doc = random_prompt(LONG, seed=44)
+    try:
+        a = run_engine(tiny_llama, [Step([doc])], env=env, llm_kwargs=split)
+        assert "lookups ask the kvcore server" in a.log  # the worker ran in another process
+        assert _wait_for_chunks(server.url, 32) == 32  # A's worker stored the whole prefix
+        b = run_engine(tiny_llama, [Step([doc])], env=env, llm_kwargs=split)
+        assert a.steps[0].num_cached_tokens == [0]
+        assert b.steps[0].num_cached_tokens == [32 * CHUNK]
+        assert b.steps[0].outputs == a.steps[0].outputs
+    finally:
+        server.kill()
