@@ -88,8 +88,15 @@ def main() -> int:
                              "--max-model-len plus two blocks)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--two-servers", action="store_true",
+                        help="instead: two vLLM servers behind one kvcore server (the first "
+                             "question about each of --docs documents; demo/two_servers.py)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.two_servers:
+        from demo import two_servers
+
+        return two_servers.main(args)
 
     from kvcore_vllm.smollm import build_smollm, kv_bytes_per_token
 
