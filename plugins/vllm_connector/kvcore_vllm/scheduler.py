@@ -78,9 +78,6 @@ class SchedulerSide:
                  rng: random.Random | None = None) -> None:
         self.engine = engine
         self.worker_in_process = worker_in_process
-        self.sees_worker_tier = worker_in_process or engine.memory.shared
-        """This process's engine sees the worker's memory tier: the worker shares the process,
-        or both use the cache server's shared tier (docs/server.md)."""
         self.namespace = namespace
         self.block_size = block_size
         self.blocks_per_chunk = blocks_per_chunk
@@ -95,6 +92,12 @@ class SchedulerSide:
         self.failures = FailureLog(log, "treated as a miss", metrics=engine.metrics,
                                    counter="vllm_scheduler_errors_total")
         """Every failure of this side: counted, logged once per kind, never raised."""
+
+    @property
+    def sees_worker_tier(self) -> bool:
+        """This process's engine sees the worker's memory tier: the worker shares the process,
+        or both use the cache server's shared tier (docs/server.md)."""
+        return self.worker_in_process or self.engine.memory.shared
 
     # -- helpers ---------------------------------------------------------------------------------
 
